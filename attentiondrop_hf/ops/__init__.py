@@ -1,0 +1,25 @@
+"""Pure tensor math of AttentionDrop (arXiv 2504.12088): no Transformers import, random draws in `sampling`."""
+
+from .attention import chunked_logit_space_attention, logit_space_attention, repeat_kv
+from .blur import blur_keys, blur_logits, blur_offsets, blur_taps
+from .hard import apply_hard_drop, hard_drop_pattern
+from .masks import attendable_keys, causal_pattern, key_validity, masked_softmax
+from .sampling import draw_blur_sigma, draw_slot_uniforms
+
+__all__ = [
+    "apply_hard_drop",
+    "attendable_keys",
+    "blur_keys",
+    "blur_logits",
+    "blur_offsets",
+    "blur_taps",
+    "causal_pattern",
+    "chunked_logit_space_attention",
+    "draw_blur_sigma",
+    "draw_slot_uniforms",
+    "hard_drop_pattern",
+    "key_validity",
+    "logit_space_attention",
+    "masked_softmax",
+    "repeat_kv",
+]

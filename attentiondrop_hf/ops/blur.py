@@ -1,0 +1,138 @@
+"""Blurred Attention Smoothing (AttentionDrop, arXiv 2504.12088, Sec. 3.2).
+
+Each logit row is convolved along the key axis with a Gaussian kernel g[t] ∝ exp(-t² / 2σ²) of odd width w.
+
+Decisions beyond the paper (see DESIGN §1):
+- Neighbours outside the sequence or not attendable by the row (padding) are left out and the kernel is
+  renormalised over the rest, so a constant row stays constant and padding never leaks into real keys.
+- In causal self-attention the kernel is one-sided (taps t = -(w-1)/2 … 0): no query sees a future key.
+- sigma is clamped away from 0 (σ → 0 is the identity) and may be drawn per example.
+
+Two ways to compute it, equal up to rounding:
+- `blur_logits`: the reference, on materialised `[B, H, Q, K]` logits (any mask).
+- `blur_keys`: the fast path. Since q·(Σ_t g_t k_{j+t}) = Σ_t g_t (q·k_{j+t}), blurring the keys blurs the logits,
+  provided the renormalisation is the same for every row (attendability depends on the key alone, plus causality:
+  `ops.masks.key_validity`). Logits are then never materialised and the fused base kernel (SDPA) does the rest.
+"""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["blur_keys", "blur_logits", "blur_offsets", "blur_taps"]
+
+# Below this width, exp(-1 / 2σ²) underflows even in float32 and the kernel is the identity anyway.
+SIGMA_FLOOR = 1e-3
+# Up to this many keys a dense banded [K, K] matrix per example is one cheap batched matmul; beyond, a depthwise
+# convolution keeps memory at O(K) instead of O(K²).
+BANDED_MATMUL_MAX_KEYS = 512
+
+
+def blur_offsets(width: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Key offsets t of the kernel taps: -r … r, or -r … 0 when causal (r = (width - 1) // 2)."""
+    radius = (width - 1) // 2
+    return torch.arange(-radius, 1 if causal else radius + 1, device=device)
+
+
+def blur_taps(sigma: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Gaussian weights g[t] ∝ exp(-t² / 2σ²) at `offsets`, normalised to sum 1.
+
+    Args:
+        sigma (`torch.Tensor` of shape `[B]`): one width per example.
+        offsets (`torch.Tensor` of shape `[T]`): from `blur_offsets`.
+
+    Returns:
+        `torch.Tensor` of shape `[B, T]`, float32.
+    """
+    sigma = sigma.float().clamp_min(SIGMA_FLOOR)[:, None]
+    taps = torch.exp(-(offsets.float()[None, :] ** 2) / (2 * sigma**2))
+    return taps / taps.sum(dim=-1, keepdim=True)
+
+
+def _shift_keys(x: torch.Tensor, offset: int, fill) -> torch.Tensor:
+    """y[..., j] = x[..., j + offset], `fill` where j + offset falls outside the key axis."""
+    if offset == 0:
+        return x
+    length = x.shape[-1]
+    shifted = torch.full_like(x, fill)
+    if abs(offset) < length:
+        if offset > 0:
+            shifted[..., : length - offset] = x[..., offset:]
+        else:
+            shifted[..., -offset:] = x[..., : length + offset]
+    return shifted
+
+
+def blur_logits(
+    logits: torch.Tensor, attendable: torch.Tensor | None, taps: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Reference: blur every logit row along the key axis, renormalised over the attendable neighbours.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, H, Q, K]`), float32.
+        attendable (`torch.Tensor`, *optional*): bool, broadcastable to `[B, H, Q, K]`; `None` = every key.
+        taps (`torch.Tensor` of shape `[B, T]`), offsets (`torch.Tensor` of shape `[T]`): the kernel.
+
+    Returns:
+        `torch.Tensor` of shape `[B, H, Q, K]`; entries at non-attendable keys are left unchanged.
+    """
+    weight = logits.new_ones(1, 1, 1, logits.shape[-1]) if attendable is None else attendable.to(logits.dtype)
+    numerator, denominator = 0.0, 0.0
+    for tap, offset in enumerate(offsets.tolist()):
+        neighbour_weight = taps[:, tap].view(-1, 1, 1, 1) * _shift_keys(weight, offset, 0.0)
+        numerator = numerator + neighbour_weight * _shift_keys(logits, offset, 0.0)
+        denominator = denominator + neighbour_weight
+    # An attendable key is its own neighbour (t = 0), so its denominator is positive.
+    blurred = numerator / denominator.clamp_min(torch.finfo(logits.dtype).tiny)
+    return blurred if attendable is None else torch.where(attendable, blurred, logits)
+
+
+def _banded_blur_matrix(taps: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor | None, length: int):
+    """W[b, j, j'] = g_b[j' - j] · valid[b, j'], rows renormalised to sum 1 (all-zero rows stay zero)."""
+    positions = torch.arange(length, device=taps.device)
+    tap_index = positions[None, :] - positions[:, None] - int(offsets[0])  # [K, K]: which tap links j to j'
+    in_band = (tap_index >= 0) & (tap_index < taps.shape[1])
+    weight = taps[:, tap_index.clamp(0, taps.shape[1] - 1)] * in_band  # [B, K, K]
+    if valid is not None:
+        weight = weight * valid[:, None, :].to(weight.dtype)
+    return weight / weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+
+
+def _depthwise_blur(x: torch.Tensor, taps: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Σ_t g_b[t] x[b, c, j + t] with zeros outside, one depthwise convolution. x: [B, C, K] -> [B, C, K]."""
+    batch, channels, length = x.shape
+    left, right = -int(offsets[0]), int(offsets[-1])
+    weight = taps.repeat_interleave(channels, dim=0)[:, None, :]  # [B * C, 1, T]
+    padded = F.pad(x.reshape(1, batch * channels, length), (left, right))
+    return F.conv1d(padded, weight.to(x.dtype), groups=batch * channels).view(batch, channels, length)
+
+
+def blur_keys(
+    keys: torch.Tensor, valid: torch.Tensor | None, taps: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Fast path: blur the keys along the sequence so that `q · k̃` equals `blur_logits` of `q · k`.
+
+    Computed in float32 and cast back, as one batched matmul with a banded matrix for short sequences or one
+    depthwise convolution for long ones.
+
+    Args:
+        keys (`torch.Tensor` of shape `[B, H_kv, K, D]`).
+        valid (`torch.Tensor` of shape `[B | 1, K]`, *optional*): bool, the keys every row may attend to
+            (`ops.masks.key_validity`); `None` = all.
+        taps (`torch.Tensor` of shape `[B, T]`), offsets (`torch.Tensor` of shape `[T]`): the kernel.
+
+    Returns:
+        `torch.Tensor` of shape `[B, H_kv, K, D]`, dtype of `keys`.
+    """
+    batch, kv_heads, length, head_dim = keys.shape
+    if valid is not None:
+        valid = valid.expand(batch, length)
+    if length <= BANDED_MATMUL_MAX_KEYS:
+        weight = _banded_blur_matrix(taps, offsets, valid, length)  # [B, K, K]
+        return torch.matmul(weight[:, None], keys.float()).to(keys.dtype)
+    # Long sequences: numerator and normaliser as two depthwise convolutions, O(K) memory.
+    mask = torch.ones(batch, 1, length, device=keys.device) if valid is None else valid[:, None, :].float()
+    channels = keys.float().permute(0, 1, 3, 2).reshape(batch, kv_heads * head_dim, length) * mask
+    numerator = _depthwise_blur(channels, taps, offsets)
+    normaliser = _depthwise_blur(mask, taps, offsets).clamp_min(torch.finfo(torch.float32).tiny)
+    blurred = (numerator / normaliser).view(batch, kv_heads, head_dim, length).permute(0, 1, 3, 2)
+    return blurred.to(keys.dtype).contiguous()

@@ -1,0 +1,205 @@
+"""Tiny models built from configs (no Hub access) and registry hygiene shared by the tests."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForSequenceClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+import attentiondrop_hf  # noqa: E402,F401
+from attentiondrop_hf.registry import registered_variants  # noqa: E402
+
+torch.set_num_threads(2)
+
+VOCAB = 64
+SHARED_DATA = os.environ.get(
+    "ATTENTIONDROP_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
+
+
+def tiny_vit(**overrides):
+    config = ViTConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=16,
+                patch_size=4,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            **overrides,
+        }
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_deit(**overrides):
+    config = DeiTConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=16,
+                patch_size=4,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            **overrides,
+        }
+    )
+    return DeiTForImageClassification(config)
+
+
+def tiny_bert(**overrides):
+    config = BertConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            **overrides,
+        }
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_marian(**overrides):
+    config = MarianConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+                forced_eos_token_id=1,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+            ),
+            **overrides,
+        }
+    )
+    return MarianMTModel(config)
+
+
+def tiny_bart(**overrides):
+    config = BartConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+            ),
+            **overrides,
+        }
+    )
+    return BartForConditionalGeneration(config)
+
+
+def tiny_llama(**overrides):
+    config = LlamaConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            ),
+            **overrides,
+        }
+    )
+    return LlamaForCausalLM(config)
+
+
+def image_batch(batch=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}
+
+
+def text_batch(batch=3, length=9, seed=0, padded=True):
+    """Token ids with right padding (id 0) in every example but the first when `padded`."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        for row in range(1, batch):
+            attention_mask[row, length - 2 * row :] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def seq2seq_batch(batch=3, source_len=9, target_len=6, seed=0):
+    inputs = text_batch(batch, source_len, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, target_len), generator=generator)
+    return inputs
+
+
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Tests may register variants and attention functions; put every registry back afterwards."""
+    variants = dict(registered_variants())
+    attention = dict(AttentionInterface._global_mapping)
+    masks = dict(AttentionMaskInterface._global_mapping)
+    yield
+    registered_variants().clear()
+    registered_variants().update(variants)
+    AttentionInterface._global_mapping.clear()
+    AttentionInterface._global_mapping.update(attention)
+    AttentionMaskInterface._global_mapping.clear()
+    AttentionMaskInterface._global_mapping.update(masks)
