@@ -11,12 +11,22 @@ from .config import AttentionDropConfig  # noqa: E402
 from .integration import ATTN_IMPLEMENTATION, force_reference_path, register  # noqa: E402
 from .model import disable_attentiondrop, enable_attentiondrop  # noqa: E402
 from .registry import AttentionDropVariant, PerturbedCall, register_variant  # noqa: E402
+from .trainer import (  # noqa: E402
+    AttentionDropSeq2SeqTrainer,
+    AttentionDropSeq2SeqTrainingArguments,
+    AttentionDropTrainer,
+    AttentionDropTrainingArguments,
+)
 
 register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionDropConfig",
+    "AttentionDropSeq2SeqTrainer",
+    "AttentionDropSeq2SeqTrainingArguments",
+    "AttentionDropTrainer",
+    "AttentionDropTrainingArguments",
     "AttentionDropVariant",
     "PerturbedCall",
     "disable_attentiondrop",

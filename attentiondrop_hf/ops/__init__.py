@@ -2,6 +2,7 @@
 
 from .attention import chunked_logit_space_attention, logit_space_attention, repeat_kv
 from .blur import blur_keys, blur_logits, blur_offsets, blur_taps
+from .consistency import summed_cross_entropy, summed_kl
 from .hard import apply_hard_drop, hard_drop_pattern
 from .masks import attendable_keys, causal_pattern, key_validity, masked_softmax
 from .sampling import draw_blur_sigma, draw_slot_uniforms
@@ -22,4 +23,6 @@ __all__ = [
     "logit_space_attention",
     "masked_softmax",
     "repeat_kv",
+    "summed_cross_entropy",
+    "summed_kl",
 ]
