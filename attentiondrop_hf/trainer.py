@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Seq2SeqTrainingArgumen
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
+from .model_card import attentiondrop_card_section, attentiondrop_tags, plot_training_curves
 from .ops import summed_cross_entropy, summed_kl
 
 logger = logging.get_logger(__name__)
@@ -163,6 +164,41 @@ class _ConsistencyLossMixin:
                 self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach() * log_scale
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
+
+    def create_model_card(self, *args, tags=None, **kwargs) -> None:
+        """The Trainer's card (also written by `push_to_hub`), with an AttentionDrop section and tags."""
+        flags = getattr(self.accelerator.unwrap_model(self.model).config, "attentiondrop", None)
+        if flags is None:
+            return super().create_model_card(*args, tags=tags, **kwargs)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in attentiondrop_tags(flags) if tag not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        evaluations = [entry for entry in self.state.log_history if any(k.startswith("eval_") for k in entry)]
+        curves = "training_curves.png"
+        drawn = plot_training_curves(self.state.log_history, os.path.join(self.args.output_dir, curves))
+        section = attentiondrop_card_section(
+            flags,
+            self.args.consistency_weight,
+            self.args.consistency_kl,
+            metrics=evaluations[-1] if evaluations else None,
+            curves_image=curves if drawn else None,
+        )
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as handle:
+            card = handle.read()
+        # A model built from a config has an empty `_name_or_path`, which the stock card renders as an empty link.
+        empty_link = "This model is a fine-tuned version of [](https://huggingface.co/) on"
+        card = card.replace(empty_link, "This model was trained from scratch on", 1)
+        placeholder = "## Model description\n\nMore information needed\n"
+        card = card.replace(placeholder, section, 1) if placeholder in card else f"{card}\n{section}"
+        if dataset := kwargs.get("dataset"):
+            dataset = dataset if isinstance(dataset, str) else ", ".join(dataset)
+            data = f"## Training and evaluation data\n\n{dataset}\n"
+            card = card.replace("## Training and evaluation data\n\nMore information needed\n", data, 1)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(card)
 
     def _reloads_with_from_pretrained(self, model, checkpoint) -> bool:
         return (

@@ -1,0 +1,133 @@
+"""What both recipes share: argument parsing (command line, or a JSON file plus command-line overrides), the model
+arguments, a model built from a Hub checkpoint or from a config alone, and the end of a run (save, card, summary)."""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+from transformers import AutoConfig, HfArgumentParser
+
+from attentiondrop_hf import AttentionDropConfig, enable_attentiondrop
+
+# JSON configs refer to the shared data as ${ATTENTIONDROP_DATA}/...; by default the folder beside the checkout.
+os.environ.setdefault(
+    "ATTENTIONDROP_DATA", os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, or which config to build one from."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path of the pretrained checkpoint to fine-tune."}
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Build the model without weights from a fresh config of this type ('vit', 'marian')."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config to use instead of the checkpoint's."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated key=value config overrides, e.g. 'hidden_size=192,num_hidden_layers=6'."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    use_attentiondrop: bool = field(
+        default=True,
+        metadata={"help": "False trains the unregularized baseline (with consistency_weight > 0: plain R-Drop)."},
+    )
+
+    def __post_init__(self):
+        if self.model_type is not None:
+            default = next(f.default for f in fields(self) if f.name == "model_name_or_path")
+            if self.model_name_or_path not in (None, default):
+                raise ValueError(
+                    "--model_type builds a model without weights; it cannot be combined with --model_name_or_path "
+                    f"{self.model_name_or_path!r}"
+                )
+            self.model_name_or_path = None  # the recipe's Hub default does not apply to a model built from a config
+        elif self.model_name_or_path is None and self.config_name is None:
+            raise ValueError("pass --model_name_or_path (pretrained weights) or --model_type / --config_name")
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """`python recipe.py [config.json] [--flag value ...]`: flags override the JSON file's values.
+
+    String values in the JSON may use environment variables (`${ATTENTIONDROP_DATA}/cifar10/train.parquet`).
+    Unknown keys or flags raise before anything is loaded.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            argv = _json_to_flags(json.load(handle)) + argv[1:]
+    parser = HfArgumentParser(dataclass_types)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _json_to_flags(values: dict) -> list[str]:
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, list):
+            flags.extend(os.path.expandvars(str(v)) for v in value)
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        else:
+            flags.append(os.path.expandvars(str(value)))
+    return flags
+
+
+def require_file(path: str | None, flag: str) -> None:
+    """A clear error, naming the flag, for a data path that is not there."""
+    if path is not None and not os.path.exists(path):
+        raise ValueError(f"{flag} {path!r} does not exist")
+
+
+def load_config(model_args: ModelArguments, **task_attributes):
+    """The checkpoint's config, a named config, or a fresh one of `model_type`, with the overrides applied."""
+    if model_args.config_name or model_args.model_name_or_path:
+        source = model_args.config_name or model_args.model_name_or_path
+        config = AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, **task_attributes)
+    else:
+        config = AutoConfig.for_model(model_args.model_type, **task_attributes)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    return config
+
+
+def load_model(auto_class, model_args: ModelArguments, config, attentiondrop: AttentionDropConfig):
+    """Pretrained weights (a new head where the labels differ) or a model from the config; AttentionDrop switched on
+    (which raises for a model whose attention does not go through Transformers' AttentionInterface)."""
+    if model_args.model_name_or_path:
+        model = auto_class.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, ignore_mismatched_sizes=True
+        )
+    else:
+        model = auto_class.from_config(config)
+    if model_args.use_attentiondrop:
+        enable_attentiondrop(model, attentiondrop)
+    return model
+
+
+def finish(trainer, metrics: dict[str, float], card: dict) -> None:
+    """Save the model and its card (pushing both when --push_to_hub), and print where they are."""
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.save_model()
+        trainer.create_model_card(**card)
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = os.path.abspath(trainer.args.output_dir)
+    shown = {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second", "epoch"))}
+    lines = ["", "=" * 72, "AttentionDrop run finished", *(f"  {k:<28} {v:.4f}" for k, v in shown.items())]
+    lines += [f"  checkpoint   {output_dir}", f"  model card   {os.path.join(output_dir, 'README.md')}"]
+    if trainer.args.push_to_hub:
+        lines.append(f"  pushed to    https://huggingface.co/{trainer.hub_model_id}")
+    print("\n".join(lines + ["=" * 72]))

@@ -1,0 +1,253 @@
+"""The recipes run offline end to end; their metrics, cards, Hub upload and bad-input errors."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import sacrebleu
+import yaml
+from conftest import SHARED_DATA
+from datasets import ClassLabel, Dataset, Features, Image
+from huggingface_hub import HfApi
+from PIL import Image as PILImage
+
+from attentiondrop_hf import metrics
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+sys.path.insert(0, RECIPES)
+
+import marian_translation  # noqa: E402
+import vit_image_classification  # noqa: E402
+
+CIFAR10 = os.path.join(SHARED_DATA, "cifar10")
+MULTI30K = os.path.join(SHARED_DATA, "multi30k")
+TINY_VIT = (
+    "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
+    "initializer_range=0.2"
+)
+TINY_MARIAN = (
+    "d_model=32,encoder_layers=2,decoder_layers=2,encoder_attention_heads=4,decoder_attention_heads=4,"
+    "encoder_ffn_dim=64,decoder_ffn_dim=64,max_position_embeddings=64"
+)
+QUICK_TRAINING = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--report_to", "none", "--seed", "0"]
+
+
+def write_image_fixture(directory, as_parquet):
+    """Twelve random 32x32 RGB images of two classes, as a parquet file or an image folder."""
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
+    labels = [i % 2 for i in range(12)]
+    if as_parquet:
+        features = Features({"img": Image(), "label": ClassLabel(names=["cat", "dog"])})
+        path = os.path.join(directory, "images.parquet")
+        Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(path)
+        return path
+    for index, (image, label) in enumerate(zip(images, labels)):
+        os.makedirs(os.path.join(directory, ["cat", "dog"][label]), exist_ok=True)
+        image.save(os.path.join(directory, ["cat", "dog"][label], f"{index}.png"))
+    return directory
+
+
+def write_translation_fixture(path, pairs=40):
+    words_en = ["a", "dog", "runs", "the", "man", "eats", "red", "ball", "child", "plays"]
+    words_de = ["ein", "hund", "rennt", "der", "mann", "isst", "rot", "ball", "kind", "spielt"]
+    rng = np.random.default_rng(0)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(pairs):
+            picks = rng.integers(0, len(words_en), 5)
+            pair = {"en": " ".join(words_en[i] for i in picks), "de": " ".join(words_de[i] for i in picks)}
+            handle.write(json.dumps({"translation": pair}) + "\n")
+    return path
+
+
+def cifar10_files(tmp_path):
+    """The shared CIFAR-10 when present, else a parquet fixture with the same columns."""
+    if os.path.isfile(os.path.join(CIFAR10, "train.parquet")):
+        return os.path.join(CIFAR10, "train.parquet"), os.path.join(CIFAR10, "test.parquet")
+    path = write_image_fixture(str(tmp_path), as_parquet=True)
+    return path, path
+
+
+def multi30k_files(tmp_path):
+    """The shared Multi30k when present, else a small jsonl fixture."""
+    if os.path.isfile(os.path.join(MULTI30K, "train.jsonl")):
+        return [os.path.join(MULTI30K, f"{split}.jsonl") for split in ("train", "validation", "test")]
+    path = write_translation_fixture(str(tmp_path / "pairs.jsonl"))
+    return [path, path, path]
+
+
+def vit_argv(output_dir, train_file, validation_file=None, *extra):
+    argv = ["--train_file", train_file, "--model_type", "vit", "--config_overrides", TINY_VIT]
+    argv += ["--validation_file", validation_file] if validation_file else []
+    argv += ["--max_train_samples", "12", "--max_eval_samples", "16", "--output_dir", str(output_dir)]
+    return (
+        argv
+        + ["--variant", "blur", "--blur_sigma_max", "2.0", "--consistency_weight", "1.0"]
+        + QUICK_TRAINING
+        + list(extra)
+    )
+
+
+def read_card(output_dir):
+    text = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
+    metadata = yaml.safe_load(text.split("---")[1])
+    return text, metadata
+
+
+def test_demo_config_learns_and_saves_a_card(tmp_path):
+    """The README's main job, as configured: the ViT must visibly learn the digits."""
+    config = os.path.join(RECIPES, "configs", "demo_digits.json")
+    results = vit_image_classification.main([config, "--output_dir", str(tmp_path)])
+    assert results["eval_accuracy"] > 0.8  # chance is 0.1
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["attentiondrop"]["variant"] == "hard" and "attn_implementation" not in saved
+    text, metadata = read_card(tmp_path)
+    assert {"attentiondrop", "attentiondrop-hard"} <= set(metadata["tags"])
+    assert "This model was trained from scratch on the sklearn_digits dataset." in text
+
+
+def test_vit_recipe_on_cifar10_parquet(tmp_path):
+    train, validation = cifar10_files(tmp_path)
+    results = vit_image_classification.main(vit_argv(tmp_path / "run", train, validation))
+    assert {"eval_accuracy", "eval_ece", "eval_nll"} <= set(results)
+    assert 0 <= results["eval_ece"] <= 1 and results["eval_nll"] > 0
+
+
+def test_vit_recipe_on_an_image_folder_and_its_card(tmp_path):
+    folder = write_image_fixture(str(tmp_path / "images"), as_parquet=False)
+    output_dir = tmp_path / "run"
+    results = vit_image_classification.main(
+        vit_argv(output_dir, folder, None, "--layers", "1", "--logging_steps", "1")
+    )
+    text, metadata = read_card(output_dir)
+    assert metadata["tags"][:2] == ["attentiondrop", "attentiondrop-blur"]
+    assert "## Model description\n\nThis checkpoint was trained with **AttentionDrop**" in text
+    assert "**Blurred Attention Smoothing**" in text and "| `blur_sigma_max` | `2.0` |" in text
+    assert "1.0 × KL(p1 ‖ p2) (the paper's direction)" in text
+    assert "Perturbed attention: bidirectional self-attention, layers 1 of each stack." in text
+    assert f"| eval_accuracy | {results['eval_accuracy']:.4f} |" in text
+    assert "Inference needs no plugin" in text and "arXiv:2504.12088" in text
+    assert "[](" not in text and "More information needed\n\n## Training procedure" not in text
+    assert "![Training curves](training_curves.png)" in text and (output_dir / "training_curves.png").is_file()
+
+
+def test_marian_recipe_on_multi30k_with_a_trained_tokenizer(tmp_path):
+    train, validation, test = multi30k_files(tmp_path)
+    argv = ["--train_file", train, "--validation_file", validation, "--test_file", test]
+    argv += ["--model_type", "marian", "--config_overrides", TINY_MARIAN, "--spm_vocab_size", "300"]
+    argv += ["--max_train_samples", "64", "--max_eval_samples", "8", "--max_predict_samples", "8"]
+    argv += ["--targets", "self", "causal", "cross", "--variant", "hard", "--top_k", "4", "--consistency_weight", "1"]
+    argv += ["--predict_with_generate", "true", "--generation_max_length", "8", "--generation_num_beams", "1"]
+    results = marian_translation.main(argv + ["--output_dir", str(tmp_path / "run")] + QUICK_TRAINING)
+    assert {"eval_bleu", "eval_chrf", "test_bleu", "test_chrf"} <= set(results)
+    assert all(math.isfinite(results[k]) for k in ("eval_bleu", "eval_chrf", "eval_loss"))
+    assert (tmp_path / "run" / "source.spm").is_file() and (tmp_path / "run" / "vocab.json").is_file()
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["attentiondrop"]["targets"] == ["self", "causal", "cross"]
+    text, metadata = read_card(tmp_path / "run")
+    assert "attentiondrop-hard" in metadata["tags"] and metadata["language"] == ["en", "de"]
+    assert "causal self-attention, encoder-decoder cross-attention" in text
+
+
+def test_push_to_hub_uploads_the_checkpoint_card_and_flags(tmp_path, monkeypatch):
+    """Intercepted at the huggingface_hub boundary: what would be uploaded, without a network."""
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, run_as_future=False, **kwargs):
+        snapshot = {}
+        for name in os.listdir(folder_path):
+            path = os.path.join(folder_path, name)
+            if os.path.isfile(path) and not name.startswith("_"):
+                snapshot[name] = open(path, "rb").read()
+        uploads.append((repo_id, snapshot))
+        if run_as_future:
+            from concurrent.futures import Future
+
+            future = Future()
+            future.set_result(None)
+            return future
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    train, validation = cifar10_files(tmp_path)
+    argv = vit_argv(tmp_path / "run", train, validation, "--push_to_hub", "true", "--hub_model_id", "me/vit-ad")
+    vit_image_classification.main(argv)
+
+    repo_id, files = uploads[-1]
+    assert repo_id == "me/vit-ad"
+    assert json.loads(files["config.json"])["attentiondrop"]["variant"] == "blur"
+    assert "model.safetensors" in files and "preprocessor_config.json" in files
+    card = files["README.md"].decode()
+    assert "- attentiondrop-blur" in card and "## Model description\n\nThis checkpoint was trained with" in card
+
+
+def test_calibration_metric_against_a_hand_computed_case():
+    probabilities = [[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]]
+    result = metrics.load("calibration").compute(predictions=probabilities, references=[0, 1, 1, 0], from_logits=False)
+    # Confidences 0.9 (right), 0.6 (wrong), 0.7 (right), 0.55 (wrong) fall in bins 13, 8, 10, 8 of 15:
+    # bin 8: 2/4 * |0 - 0.575| ; bin 10: 1/4 * |1 - 0.7| ; bin 13: 1/4 * |1 - 0.9|
+    assert result["ece"] == pytest.approx(0.5 * 0.575 + 0.25 * 0.3 + 0.25 * 0.1)
+    assert result["accuracy"] == 0.5
+    assert result["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.45)) / 4)
+    logits = metrics.load("calibration").compute(predictions=[[math.log(0.9), math.log(0.1)]], references=[0])
+    assert logits["ece"] == pytest.approx(0.1) and logits["nll"] == pytest.approx(-math.log(0.9))
+
+
+def test_sacrebleu_metric_equals_sacrebleu():
+    hypotheses = ["ein Hund rennt im Park .", "zwei Männer spielen Fußball", "eine Frau liest"]
+    references = ["ein Hund läuft im Park .", "zwei Männer spielen Fußball .", "eine Frau liest ein Buch"]
+    result = metrics.load("sacrebleu_chrf").compute(predictions=hypotheses, references=[[r] for r in references])
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+    assert 0 < result["bleu"] < 100
+
+
+def test_vit_recipe_bad_input_errors(tmp_path):
+    train, validation = cifar10_files(tmp_path)
+    garbage = tmp_path / "broken.parquet"
+    garbage.write_bytes(b"not a parquet file")
+    no_images = tmp_path / "labels.parquet"
+    Dataset.from_dict({"label": [0, 1]}).to_parquet(str(no_images))
+    cases = [
+        (vit_argv(tmp_path, str(tmp_path / "missing.parquet")), "--train_file '.*missing.parquet' does not exist"),
+        (vit_argv(tmp_path, str(garbage)), "could not read --train_file"),
+        (vit_argv(tmp_path, str(no_images)), r"no image column \('image' or 'img'\)"),
+        (vit_argv(tmp_path, train, validation, "--label_column_name", "class"), "--label_column_name 'class'"),
+        (vit_argv(tmp_path, train, validation, "--image_column_name", "pixels"), "--image_column_name 'pixels'"),
+        (vit_argv(tmp_path, train, validation, "--top_kk", "3"), r"not used by the HfArgumentParser: \['--top_kk'"),
+        (vit_argv(tmp_path, train, validation, "--p", "1.5"), r"`p` must be in \[0, 1\]"),
+        (
+            vit_argv(tmp_path, train, validation, "--model_type", "convnext", "--config_overrides", ""),
+            "does not route its attention through transformers' AttentionInterface",
+        ),
+        (vit_argv(tmp_path, train, None, "--model_name_or_path", "my/vit"), "cannot be combined with"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            vit_image_classification.main(argv)
+
+
+def test_marian_recipe_bad_input_errors(tmp_path):
+    pairs = write_translation_fixture(str(tmp_path / "pairs.jsonl"))
+    not_translation = tmp_path / "text.jsonl"
+    not_translation.write_text(json.dumps({"text": "hello"}) + "\n")
+    base = ["--model_type", "marian", "--config_overrides", TINY_MARIAN, "--output_dir", str(tmp_path / "run")]
+    cases = [
+        (["--train_file", str(tmp_path / "none.jsonl")], "--train_file '.*none.jsonl' does not exist"),
+        (["--train_file", str(not_translation)], "no 'translation' column"),
+        (["--train_file", pairs, "--target_lang", "fr"], r"--target_lang 'fr' is not a language of the data"),
+        (["--train_file", pairs, "--source_lang", "de"], "--source_lang and --target_lang are both 'de'"),
+        (["--train_file", pairs, "--targets", "decoder"], r"`targets` must be roles from"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            marian_translation.main(base + argv)
