@@ -4,8 +4,8 @@
 (`[B, H, S, D]` in, `([B, Q, H, D] contiguous, weights or None)` out). Its first decision is the identity exit: in
 eval, for a variant whose flags change nothing, or for a role/layer not targeted, it calls the base implementation
 (`base_attn_implementation`, SDPA by default) with the very same arguments, so eval equals the base bit for bit.
-Otherwise the variant's fast path runs where it applies, else the logit-space reference (in blocks of query rows
-when the logits would be large).
+Otherwise the variant's fast path runs where it applies, else the logit-space reference (in checkpointed blocks of
+query rows for long sequences).
 
 `attentiondrop_mask` is registered under the same name with the `AttentionMaskInterface`: without it Transformers
 builds no mask at all for an unknown implementation. It builds the base implementation's mask.
@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "attentiondrop"
-# Above this many logits per call ([B, H, Q, K] elements) the reference runs in checkpointed blocks of query rows, so
-# no N × N tensor is kept for the backward pass (64 MiB of float32 logits per block).
-LOGITS_BLOCK_BUDGET = 2**24
+# From this many keys on, logit-space paths run in checkpointed blocks of query rows, each block's logits half the
+# size of the queries: memory O(N·D) like SDPA's instead of O(N²). Shorter sequences keep the one-block path, faster.
+BLOCKED_LOGITS_MIN_KEYS = 1024
 
 _force_reference = os.environ.get("ATTENTIONDROP_REFERENCE", "0") == "1"
 
@@ -187,8 +187,8 @@ def attentiondrop_attention_forward(
         "softcap": softcap,
         "perturb": perturb,
     }
-    if batch * heads * query_len * key_len > LOGITS_BLOCK_BUDGET and not _force_reference and not output_attentions:
-        rows_per_block = max(1, LOGITS_BLOCK_BUDGET // (batch * heads * key_len))
+    if key_len >= BLOCKED_LOGITS_MIN_KEYS and not _force_reference and not output_attentions:
+        rows_per_block = max(1, query_len * query.shape[-1] // (2 * key_len))
         return chunked_logit_space_attention(query, key, value, attendable, rows_per_block, **attention_kwargs), None
     return logit_space_attention(query, key, value, attendable, **attention_kwargs)
 

@@ -20,6 +20,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     MarianConfig,
     MarianMTModel,
+    T5Config,
+    T5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -164,6 +166,27 @@ def tiny_llama(**overrides):
         }
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_t5(**overrides):
+    """Relative position bias enters the logits: the key-blur fast path cannot apply."""
+    config = T5Config(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                dropout_rate=0.0,
+                pad_token_id=0,
+                decoder_start_token_id=0,
+            ),
+            **overrides,
+        }
+    )
+    return T5ForConditionalGeneration(config)
 
 
 def image_batch(batch=3, seed=0):

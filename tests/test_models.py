@@ -13,6 +13,7 @@ from conftest import (
     tiny_deit,
     tiny_llama,
     tiny_marian,
+    tiny_t5,
     tiny_vit,
 )
 from transformers import (
@@ -23,7 +24,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from attentiondrop_hf import disable_attentiondrop, enable_attentiondrop, force_reference_path
+from attentiondrop_hf import disable_attentiondrop, enable_attentiondrop, force_reference_path, integration
 from attentiondrop_hf.sites import annotate_sites
 
 # (id, factory, batch, roles the model has)
@@ -303,3 +304,53 @@ def test_models_without_the_attention_interface_are_rejected():
 def test_targets_that_match_nothing_raise():
     with pytest.raises(ValueError, match=r"targets \['cross'\] .* match no attention of ViTForImageClassification"):
         enable_attentiondrop(tiny_vit(), targets=["cross"])
+
+
+def gradients_of(model, inputs, seed):
+    model.zero_grad()
+    logits = run(model.train(), inputs, seed=seed)
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+BLOCKED_CASES = [
+    ("vit", tiny_vit, image_batch, ["self"], VARIANTS["hard"]),
+    ("marian", tiny_marian, seq2seq_batch, ["self", "causal", "cross"], VARIANTS["hard"]),
+    ("llama", tiny_llama, text_batch, ["causal"], VARIANTS["hard"]),
+    ("t5", tiny_t5, seq2seq_batch, ["self", "causal", "cross"], VARIANTS["blur"]),  # position bias: logit path
+]
+
+
+@pytest.mark.parametrize("name, factory, batch, roles, flags", BLOCKED_CASES, ids=[c[0] for c in BLOCKED_CASES])
+def test_blocked_logit_path_equals_the_one_block_reference(name, factory, batch, roles, flags, monkeypatch):
+    """Long sequences run in checkpointed blocks of query rows: same draws, same outputs and gradients."""
+    _, model = twins(factory, roles, **flags)
+    inputs = batch()
+    with force_reference_path():
+        want, want_grads = gradients_of(model, inputs, seed=3)
+    monkeypatch.setattr(integration, "BLOCKED_LOGITS_MIN_KEYS", 1)  # every call is "long"
+    got, got_grads = gradients_of(model, inputs, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Blocks sum the key and value gradients in another order; the gradients are O(10), float32 rounding O(1e-6).
+    for key in want_grads:
+        torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-4, atol=1e-5)
+
+
+def sliding_window_mask(length, window):
+    """A 4-D bool mask [B, 1, Q, K] that depends on the query beyond causality: no key-space blur possible."""
+    positions = torch.arange(length)
+    allowed = (positions[None, :] <= positions[:, None]) & (positions[:, None] - positions[None, :] < window)
+    return allowed[None, None].expand(3, 1, length, length)
+
+
+def test_blur_falls_back_to_logit_space_for_query_dependent_masks_and_position_bias():
+    """Where blurring keys is not blurring logits, the fast dispatch must give the reference's result."""
+    _, llama = twins(tiny_llama, ["causal"], **VARIANTS["blur"], blur_width=7)
+    inputs = {"input_ids": text_batch(padded=False)["input_ids"], "attention_mask": sliding_window_mask(9, 3)}
+    _, t5 = twins(tiny_t5, ["self", "causal", "cross"], **VARIANTS["blur"])
+    for model, batch in ((llama, inputs), (t5, seq2seq_batch())):
+        fast = run(model.train(), batch, seed=2)
+        with force_reference_path():
+            reference = run(model.train(), batch, seed=2)
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(fast, run(model.eval(), batch))

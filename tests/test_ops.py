@@ -241,3 +241,14 @@ def test_chunked_attention_equals_plain(rows_per_chunk):
         torch.autograd.grad(plain, (query, key, value), grad_output),
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_depthwise_key_blur_backward_is_the_transposed_blur(causal):
+    """The long-sequence key blur has a hand-written backward: check it against finite differences."""
+    keys = torch.randn(2, 2, 9, 3, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    offsets = ops.blur_offsets(5, causal, torch.device("cpu"))
+    taps = ops.blur_taps(torch.tensor([0.8, 1.7]), offsets).double()
+    blur = blur_ops._DepthwiseKeyBlur.apply
+    assert torch.autograd.gradcheck(lambda k: blur(k, valid, taps, tuple(offsets.tolist())), (keys,))

@@ -109,8 +109,9 @@ def chunked_logit_space_attention(
     Same arguments as `logit_space_attention` (`rows` excepted), plus `rows_per_chunk`. Returns only the output
     `[B, Q, H, D]`: the full probability matrix is what this function exists to avoid.
     """
-    outputs = []
-    for start in range(0, query.shape[2], rows_per_chunk):
+    batch, heads, query_len, _ = query.shape
+    output = query.new_empty(batch, query_len, heads, value.shape[-1])  # blocks are copied in as they are made
+    for start in range(0, query_len, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
 
         def attend_rows(query_rows, key, value, rows=rows):
@@ -126,5 +127,5 @@ def chunked_logit_space_attention(
             )[0]
 
         # Non-reentrant checkpointing restores the RNG state for the recomputation: attention dropout replays.
-        outputs.append(checkpoint(attend_rows, query[:, :, rows], key, value, use_reentrant=False))
-    return torch.cat(outputs, dim=1)
+        output[:, rows] = checkpoint(attend_rows, query[:, :, rows], key, value, use_reentrant=False)
+    return output

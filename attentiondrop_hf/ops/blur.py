@@ -15,6 +15,8 @@ Two ways to compute it, equal up to rounding:
   `ops.masks.key_validity`). Logits are then never materialised and the fused base kernel (SDPA) does the rest.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -86,24 +88,71 @@ def blur_logits(
     return blurred if attendable is None else torch.where(attendable, blurred, logits)
 
 
+@functools.lru_cache(maxsize=32)
+def _tap_bands(length: int, first_offset: int, taps: int, device: torch.device) -> torch.Tensor:
+    """One-hot band of every tap: bands[t, j, j'] = 1 where j' - j is tap t's offset. Shape [T, K, K], float32."""
+    positions = torch.arange(length, device=device)
+    distance = positions[None, :] - positions[:, None] - first_offset  # [K, K]: tap index linking j to j'
+    return (distance[None] == torch.arange(taps, device=device)[:, None, None]).float()
+
+
 def _banded_blur_matrix(taps: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor | None, length: int):
     """W[b, j, j'] = g_b[j' - j] · valid[b, j'], rows renormalised to sum 1 (all-zero rows stay zero)."""
-    positions = torch.arange(length, device=taps.device)
-    tap_index = positions[None, :] - positions[:, None] - int(offsets[0])  # [K, K]: which tap links j to j'
-    in_band = (tap_index >= 0) & (tap_index < taps.shape[1])
-    weight = taps[:, tap_index.clamp(0, taps.shape[1] - 1)] * in_band  # [B, K, K]
+    bands = _tap_bands(length, int(offsets[0]), taps.shape[1], taps.device)
+    weight = torch.einsum("bt,tkj->bkj", taps, bands)  # [B, K, K]
     if valid is not None:
         weight = weight * valid[:, None, :].to(weight.dtype)
     return weight / weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
 
 
-def _depthwise_blur(x: torch.Tensor, taps: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _depthwise_blur(x: torch.Tensor, taps: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     """Σ_t g_b[t] x[b, c, j + t] with zeros outside, one depthwise convolution. x: [B, C, K] -> [B, C, K]."""
     batch, channels, length = x.shape
-    left, right = -int(offsets[0]), int(offsets[-1])
-    weight = taps.repeat_interleave(channels, dim=0)[:, None, :]  # [B * C, 1, T]
-    padded = F.pad(x.reshape(1, batch * channels, length), (left, right))
-    return F.conv1d(padded, weight.to(x.dtype), groups=batch * channels).view(batch, channels, length)
+    padding = max(-offsets[0], offsets[-1])
+    weight = taps.to(x.dtype).repeat_interleave(channels, dim=0)[:, None, :]  # [B * C, 1, T]
+    out = F.conv1d(x.reshape(1, batch * channels, length), weight, padding=padding, groups=batch * channels)
+    start = padding + offsets[0]  # symmetric padding: skip what an asymmetric kernel does not reach
+    return out[..., start : start + length].view(batch, channels, length)
+
+
+class _DepthwiseKeyBlur(torch.autograd.Function):
+    """k̃ = G(valid ⊙ k) / G(valid) along the sequence, G a depthwise convolution per example.
+
+    Linear in k, so the backward pass is the transposed map, valid ⊙ Gᵀ(g / G(valid)) with Gᵀ the same kernel
+    reversed: only the [B, K] normaliser is saved, never a tensor of the keys' size.
+    """
+
+    @staticmethod
+    def forward(ctx, keys, valid, taps, offsets):  # keys [B, H_kv, K, D] -> [B, H_kv, K, D]
+        batch, kv_heads, length, head_dim = keys.shape
+        mask = keys.new_ones(batch, 1, length) if valid is None else valid[:, None, :].to(keys.dtype)
+        normaliser = _depthwise_blur(mask, taps, offsets).clamp_min(torch.finfo(keys.dtype).tiny)
+        channels = _channels_first(keys)
+        if valid is not None:
+            channels.mul_(mask)
+        blurred = _depthwise_blur(channels, taps, offsets).div_(normaliser)
+        ctx.save_for_backward(mask, normaliser, taps)
+        ctx.offsets, ctx.masked = offsets, valid is not None
+        # Fused attention kernels want the head dimension contiguous.
+        return blurred.view(batch, kv_heads, head_dim, length).permute(0, 1, 3, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, normaliser, taps = ctx.saved_tensors
+        batch, kv_heads, length, head_dim = grad.shape
+        reversed_offsets = tuple(-offset for offset in reversed(ctx.offsets))
+        grad_keys = _depthwise_blur(_channels_first(grad).div_(normaliser), taps.flip(-1), reversed_offsets)
+        if ctx.masked:
+            grad_keys.mul_(mask)
+        return grad_keys.view(batch, kv_heads, head_dim, length).permute(0, 1, 3, 2), None, None, None
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """A fresh [B, H * D, K] copy of x [B, H, K, D] (fresh: safe to modify in place)."""
+    batch, heads, length, head_dim = x.shape
+    channels = torch.empty(batch, heads * head_dim, length, dtype=x.dtype, device=x.device)
+    channels.view(batch, heads, head_dim, length).copy_(x.permute(0, 1, 3, 2))
+    return channels
 
 
 def blur_keys(
@@ -111,8 +160,8 @@ def blur_keys(
 ) -> torch.Tensor:
     """Fast path: blur the keys along the sequence so that `q · k̃` equals `blur_logits` of `q · k`.
 
-    Computed in float32 and cast back, as one batched matmul with a banded matrix for short sequences or one
-    depthwise convolution for long ones.
+    One batched matmul with a banded matrix for short sequences, one depthwise convolution (whose backward pass
+    saves nothing of the keys' size) for long ones; both in the keys' dtype, accumulating in float32.
 
     Args:
         keys (`torch.Tensor` of shape `[B, H_kv, K, D]`).
@@ -126,13 +175,11 @@ def blur_keys(
     batch, kv_heads, length, head_dim = keys.shape
     if valid is not None:
         valid = valid.expand(batch, length)
-    if length <= BANDED_MATMUL_MAX_KEYS:
-        weight = _banded_blur_matrix(taps, offsets, valid, length)  # [B, K, K]
-        return torch.matmul(weight[:, None], keys.float()).to(keys.dtype)
-    # Long sequences: numerator and normaliser as two depthwise convolutions, O(K) memory.
-    mask = torch.ones(batch, 1, length, device=keys.device) if valid is None else valid[:, None, :].float()
-    channels = keys.float().permute(0, 1, 3, 2).reshape(batch, kv_heads * head_dim, length) * mask
-    numerator = _depthwise_blur(channels, taps, offsets)
-    normaliser = _depthwise_blur(mask, taps, offsets).clamp_min(torch.finfo(torch.float32).tiny)
-    blurred = (numerator / normaliser).view(batch, kv_heads, head_dim, length).permute(0, 1, 3, 2)
-    return blurred.to(keys.dtype).contiguous()
+    if length > BANDED_MATMUL_MAX_KEYS:
+        return _DepthwiseKeyBlur.apply(keys, valid, taps, tuple(offsets.tolist()))
+    weight = _banded_blur_matrix(taps, offsets, valid, length)  # [B, K, K]
+    # All heads at once: [B, K, K] @ [B, K, H_kv * D]. Free when the keys are a head split of a projection
+    # ([B, K, H_kv, D] in memory), as in most models; the result keeps that layout.
+    rows = keys.transpose(1, 2).reshape(batch, length, kv_heads * head_dim)
+    blurred = torch.bmm(weight.to(keys.dtype), rows)
+    return blurred.view(batch, length, kv_heads, head_dim).transpose(1, 2)

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Step time and peak memory of AttentionDrop's paths against SDPA, side by side in one run.
+
+Two workloads:
+- `vit`: one full training step (forward, loss, backward, AdamW step) of a ViT: ViT-B/16 at batch 64 in bf16 on a
+  GPU; on the CPU a ViT of 6 layers, width 192, 65 tokens, batch 32, float32.
+- `attention`: the attention function alone, forward and backward, at long sequence: N = 8192 (B = 2, H = 16,
+  D = 64, bf16) on a GPU, N = 2048 on the CPU.
+
+Modes: sdpa and eager (stock Transformers), each variant's logit-space reference path and its fast path, eval (a
+no-grad forward, AttentionDrop installed, against SDPA's), and the consistency pass (a doubled batch plus the KL).
+Step times are medians over rounds in which the modes take turns. Peak memory is what a step needs above what was
+allocated before it: `torch.cuda.max_memory_allocated` on a GPU, the rise of the resident set size in a fresh
+process per mode on the CPU. Ratios are to SDPA's figure of the same workload.
+
+    python benchmarks/benchmark_attentiondrop.py                 # both workloads, this machine's device
+    python benchmarks/benchmark_attentiondrop.py --json out.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import attentiondrop_hf
+from attentiondrop_hf import enable_attentiondrop, force_reference_path, ops
+from attentiondrop_hf.integration import attentiondrop_attention_forward
+
+HARD = {"variant": "hard", "p": 0.1, "top_k": 8}
+BLUR = {"variant": "blur", "blur_width": 5, "blur_sigma_min": 0.0, "blur_sigma_max": 1.0}
+# mode -> (attn_implementation, AttentionDrop flags, force the reference path)
+MODES = {
+    "sdpa": ("sdpa", None, False),
+    "eager": ("eager", None, False),
+    "hard reference": ("attentiondrop", HARD, True),
+    "hard fast": ("attentiondrop", HARD, False),
+    "blur reference": ("attentiondrop", BLUR, True),
+    "blur fast": ("attentiondrop", BLUR, False),
+    "eval sdpa": ("sdpa", None, False),
+    "eval attentiondrop": ("attentiondrop", HARD, False),
+    "consistency (hard fast)": ("attentiondrop", HARD, False),
+}
+ATTENTION_MODES = ["sdpa", "eager", "hard reference", "hard fast", "blur reference", "blur fast"]
+
+
+def workload_sizes(device: str) -> dict:
+    if device == "cuda":
+        return {
+            "vit": {
+                "hidden": 768,
+                "layers": 12,
+                "heads": 12,
+                "image": 224,
+                "patch": 16,
+                "batch": 64,
+                "dtype": "bfloat16",
+            },
+            "attention": {"batch": 2, "heads": 16, "length": 8192, "dim": 64, "dtype": "bfloat16"},
+        }
+    return {
+        "vit": {"hidden": 192, "layers": 6, "heads": 3, "image": 32, "patch": 4, "batch": 32, "dtype": "float32"},
+        "attention": {"batch": 2, "heads": 16, "length": 2048, "dim": 64, "dtype": "float32"},
+    }
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_interleaved(steps: dict, device: str, warmup: int, repeats: int) -> dict:
+    """Median seconds per mode, the modes taking turns so that machine drift hits them all alike."""
+    for name, step in steps.items():
+        with force_reference_path(MODES[name][2]):
+            for _ in range(warmup):
+                step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            with force_reference_path(MODES[name][2]):
+                synchronize(device)
+                start = time.perf_counter()
+                step()
+                synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory(step, mode: str, device: str) -> int:
+    """Bytes one step needs above what is allocated before it (models, inputs and optimizer states)."""
+    with force_reference_path(MODES[mode][2]):
+        if device == "cuda":
+            step()  # the first step creates AdamW's states
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        # A fresh process, optimizer states made at setup: the first step's rise of the resident set is its peak.
+        base = current_rss_bytes()
+        step()
+        return max(peak_rss_bytes() - base, 0)
+
+
+def vit_step(mode: str, device: str, sizes: dict):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    implementation, flags, _ = MODES[mode]
+    dtype = getattr(torch, sizes["dtype"])
+    config = ViTConfig(
+        hidden_size=sizes["hidden"],
+        num_hidden_layers=sizes["layers"],
+        num_attention_heads=sizes["heads"],
+        intermediate_size=4 * sizes["hidden"],
+        image_size=sizes["image"],
+        patch_size=sizes["patch"],
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config).to(device)
+    model.set_attn_implementation("eager" if implementation == "eager" else "sdpa")
+    if flags is not None:
+        enable_attentiondrop(model, **flags)
+    pixels = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"], device=device)
+    labels = torch.randint(0, 10, (sizes["batch"],), device=device)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    if mode.startswith("eval"):
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                model(pixel_values=pixels)
+
+        return step
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():  # create AdamW's states now, so that a step's memory is its own
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    doubled = mode.startswith("consistency")
+
+    def step():
+        with autocast:
+            inputs = torch.cat([pixels, pixels]) if doubled else pixels
+            logits = model(pixel_values=inputs).logits
+            if doubled:
+                first, second = logits.chunk(2)
+                loss = 0.5 * (ops.summed_cross_entropy(first, labels) + ops.summed_cross_entropy(second, labels))
+                loss = (loss + ops.summed_kl(first, second, labels)) / labels.numel()
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+class _AttentionModule(torch.nn.Module):
+    """Stands in for a model's attention module: what the attention function reads off it."""
+
+    def __init__(self, flags):
+        super().__init__()
+        from transformers import ViTConfig
+
+        self.config = ViTConfig(num_hidden_layers=1)
+        self.config.attentiondrop = flags
+        self.is_causal = False
+        self.layer_idx = 0
+
+
+def attention_step(mode: str, device: str, sizes: dict):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation, flags, _ = MODES[mode]
+    dtype = getattr(torch, sizes["dtype"])
+    shape = (sizes["batch"], sizes["heads"], sizes["length"], sizes["dim"])
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(sizes["batch"], sizes["length"], sizes["heads"], sizes["dim"], device=device, dtype=dtype)
+    module = _AttentionModule(flags).train()
+    if implementation == "sdpa":
+        function = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    elif implementation == "eager":
+        from attentiondrop_hf.integration import generic_eager_attention as function
+    else:
+        function = attentiondrop_attention_forward
+
+    def step():
+        output, _ = function(module, query, key, value, None, scaling=sizes["dim"] ** -0.5, dropout=0.0)
+        output.backward(grad)
+        query.grad = key.grad = value.grad = None
+
+    return step
+
+
+def build(workload: str, mode: str, device: str, sizes: dict):
+    return (vit_step if workload == "vit" else attention_step)(mode, device, sizes[workload])
+
+
+def isolated_peak_memory(workload: str, mode: str, args) -> int:
+    """On the CPU the resident set size only ever grows: each mode's peak is read in a fresh process."""
+    command = [sys.executable, __file__, "--_memory", workload, mode, "--threads", str(args.threads)]
+    # A fixed mmap threshold makes glibc return every freed large block to the system at once, so the resident set
+    # follows the live tensors instead of the heap's high-water mark.
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["vit", "attention"], choices=["vit", "attention"])
+    parser.add_argument("--modes", nargs="+", help="only these modes (sdpa is always run: the ratios need it)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = workload_sizes(args.device)
+
+    if args._memory:
+        workload, mode = args._memory
+        print(peak_memory(build(workload, mode, args.device, sizes), mode, args.device))
+        return
+
+    results = {"device": describe(args.device), "sizes": sizes, "attentiondrop_hf": attentiondrop_hf.__version__}
+    for workload in args.workloads:
+        modes = list(MODES) if workload == "vit" else ATTENTION_MODES
+        if args.modes:
+            modes = [mode for mode in modes if mode in args.modes or mode in ("sdpa", "eval sdpa")]
+        steps, figures = {}, {}
+        for mode in modes:
+            try:
+                steps[mode] = build(workload, mode, args.device, sizes)
+                if args.device == "cpu":
+                    memory = isolated_peak_memory(workload, mode, args)
+                else:
+                    memory = peak_memory(steps[mode], mode, args.device)
+                figures[mode] = {"peak_bytes": memory}
+            except (RuntimeError, subprocess.CalledProcessError) as error:  # out of memory, typically
+                steps.pop(mode, None)
+                figures[mode] = {"error": (str(error).strip().splitlines() or [repr(error)])[-1][:100]}
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        for mode, seconds in time_interleaved(steps, args.device, args.warmup, args.repeats).items():
+            figures[mode]["seconds"] = seconds
+        results[workload] = figures
+        del steps
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def describe(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    )
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['device']}")
+    for workload in ("vit", "attention"):
+        if workload not in results:
+            continue
+        figures = results[workload]
+        print(f"\n{workload}: {results['sizes'][workload]}")
+        print(f"| {'mode':<24} | {'step ms':>9} | {'x SDPA':>7} | {'peak MiB':>9} | {'x SDPA':>7} |")
+        print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 9}|")
+        for mode, figure in figures.items():
+            baseline = figures["eval sdpa" if mode.startswith("eval") else "sdpa"]
+            if "error" in figure or "error" in baseline:
+                print(f"| {mode:<24} | {figure.get('error', 'baseline failed')} |")
+                continue
+            time_ratio = figure["seconds"] / baseline["seconds"]
+            memory_ratio = figure["peak_bytes"] / max(baseline["peak_bytes"], 1)
+            print(
+                f"| {mode:<24} | {figure['seconds'] * 1e3:>9.2f} | {time_ratio:>6.2f}x "
+                f"| {figure['peak_bytes'] / 2**20:>9.1f} | {memory_ratio:>6.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
