@@ -99,6 +99,13 @@ class AttentionDropConfig:
             )
         variant.validate(self)
         self._warn_ignored_flags(variant)
+        if (self.variant == "hard" and self.p > 0.5) or (self.variant == "blur" and self.blur_width > 9):
+            warnings.warn(
+                "the paper reports p <= 0.5 and blur_width <= 9 working and larger values hurting; "
+                f"got p={self.p}, blur_width={self.blur_width}",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _normalise_targets(targets: Any) -> list[str]:

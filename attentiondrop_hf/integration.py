@@ -150,7 +150,16 @@ def attentiondrop_attention_forward(
     role, layer = attention_site(module, need_layer=settings.layers is not None)
     if not settings.perturbs(role, layer):
         return base(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            f"AttentionDrop cannot perturb attention with sinks (`s_aux`, {type(module).__name__}); "
+            "leave this role out of `targets`"
+        )
+    return _perturbed_attention(module, query, key, value, attention_mask, settings, variant, role, base, kwargs)
 
+
+def _perturbed_attention(module, query, key, value, attention_mask, settings, variant, role, base, kwargs):
+    """The training-time path: the variant's fast path where it applies, else its logit-space reference."""
     batch, heads, query_len, _ = query.shape
     key_len = key.shape[2]
     is_causal = kwargs.get("is_causal")

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,13 +74,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # reported in kB
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def reset_peak_rss() -> None:
+    """Restart the resident-set high-water mark (VmHWM) from the current size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def time_interleaved(steps: dict, device: str, warmup: int, repeats: int) -> dict:
@@ -113,10 +115,12 @@ def peak_memory(step, mode: str, device: str) -> int:
             step()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        # A fresh process, optimizer states made at setup: the first step's rise of the resident set is its peak.
-        base = current_rss_bytes()
+        # Optimizer states were made at setup; the high-water mark of the resident set during one step, over the
+        # resident set before it. (Not getrusage's ru_maxrss: a child inherits its parent's across fork and exec.)
+        base = _status_bytes("VmRSS")
+        reset_peak_rss()
         step()
-        return max(peak_rss_bytes() - base, 0)
+        return max(_status_bytes("VmHWM") - base, 0)
 
 
 def vit_step(mode: str, device: str, sizes: dict):
@@ -221,7 +225,7 @@ def build(workload: str, mode: str, device: str, sizes: dict):
 
 
 def isolated_peak_memory(workload: str, mode: str, args) -> int:
-    """On the CPU the resident set size only ever grows: each mode's peak is read in a fresh process."""
+    """On the CPU each mode's peak is read in a fresh process, whose heap holds nothing of the other modes."""
     command = [sys.executable, __file__, "--_memory", workload, mode, "--threads", str(args.threads)]
     # A fixed mmap threshold makes glibc return every freed large block to the system at once, so the resident set
     # follows the live tensors instead of the heap's high-water mark.
@@ -235,8 +239,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["vit", "attention"], choices=["vit", "attention"])
     parser.add_argument("--modes", nargs="+", help="only these modes (sdpa is always run: the ratios need it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, help="untimed steps per mode (default: vit 3, attention 1)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: vit 20, attention 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -268,7 +272,9 @@ def main() -> None:
                 figures[mode] = {"error": (str(error).strip().splitlines() or [repr(error)])[-1][:100]}
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-        for mode, seconds in time_interleaved(steps, args.device, args.warmup, args.repeats).items():
+        warmup = args.warmup if args.warmup is not None else {"vit": 3, "attention": 1}[workload]
+        repeats = args.repeats if args.repeats is not None else {"vit": 20, "attention": 5}[workload]
+        for mode, seconds in time_interleaved(steps, args.device, warmup, repeats).items():
             figures[mode]["seconds"] = seconds
         results[workload] = figures
         del steps

@@ -59,6 +59,13 @@ def test_flags_of_another_variant_warn_that_they_are_ignored():
         AttentionDropConfig(variant="blur", blur_width=7)
 
 
+def test_values_beyond_the_papers_regime_warn():
+    with pytest.warns(UserWarning, match=r"p <= 0.5 and blur_width <= 9"):
+        AttentionDropConfig(p=0.6)
+    with pytest.warns(UserWarning, match=r"got p=0.1, blur_width=11"):
+        AttentionDropConfig(variant="blur", blur_width=11)
+
+
 def test_normalisation_and_dict_round_trip():
     settings = AttentionDropConfig(targets=["cross", "self"], layers=[3, 1, 3])
     assert settings.targets == ["self", "cross"] and settings.layers == [1, 3]

@@ -354,3 +354,11 @@ def test_blur_falls_back_to_logit_space_for_query_dependent_masks_and_position_b
             reference = run(model.train(), batch, seed=2)
         torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(fast, run(model.eval(), batch))
+
+
+def test_attention_sinks_are_refused_by_name():
+    _, model = twins(tiny_llama, ["causal"], **VARIANTS["hard"])
+    attention = model.model.layers[0].self_attn.train()
+    query = key = value = torch.randn(1, 4, 3, 8)
+    with pytest.raises(NotImplementedError, match=r"sinks \(`s_aux`, LlamaAttention\)"):
+        integration.attentiondrop_attention_forward(attention, query, key, value, None, s_aux=torch.zeros(4))
