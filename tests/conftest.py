@@ -38,155 +38,88 @@ SHARED_DATA = os.environ.get(
 )
 
 
+# Two layers (so `layers` can pick one), four heads, width 32, no dropout: small, deterministic models.
+_ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    num_labels=3,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+_VISION = dict(_ENCODER, image_size=16, patch_size=4)
+_SEQ2SEQ = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+def _tiny(config_class, model_class, defaults, overrides):
+    return model_class(config_class(**{**defaults, **overrides}))
+
+
 def tiny_vit(**overrides):
-    config = ViTConfig(
-        **{
-            **dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                image_size=16,
-                patch_size=4,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            ),
-            **overrides,
-        }
-    )
-    return ViTForImageClassification(config)
+    return _tiny(ViTConfig, ViTForImageClassification, _VISION, overrides)
 
 
 def tiny_deit(**overrides):
-    config = DeiTConfig(
-        **{
-            **dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                image_size=16,
-                patch_size=4,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            ),
-            **overrides,
-        }
-    )
-    return DeiTForImageClassification(config)
+    return _tiny(DeiTConfig, DeiTForImageClassification, _VISION, overrides)
 
 
 def tiny_bert(**overrides):
-    config = BertConfig(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            ),
-            **overrides,
-        }
-    )
-    return BertForSequenceClassification(config)
+    defaults = dict(_ENCODER, vocab_size=VOCAB, max_position_embeddings=64)
+    return _tiny(BertConfig, BertForSequenceClassification, defaults, overrides)
 
 
 def tiny_marian(**overrides):
-    config = MarianConfig(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                d_model=32,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                max_position_embeddings=64,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-                forced_eos_token_id=1,
-                dropout=0.0,
-                attention_dropout=0.0,
-                activation_dropout=0.0,
-            ),
-            **overrides,
-        }
-    )
-    return MarianMTModel(config)
+    defaults = dict(_SEQ2SEQ, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1)
+    return _tiny(MarianConfig, MarianMTModel, defaults, overrides)
 
 
 def tiny_bart(**overrides):
-    config = BartConfig(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                d_model=32,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                max_position_embeddings=64,
-                pad_token_id=0,
-                dropout=0.0,
-                attention_dropout=0.0,
-                activation_dropout=0.0,
-            ),
-            **overrides,
-        }
-    )
-    return BartForConditionalGeneration(config)
+    return _tiny(BartConfig, BartForConditionalGeneration, _SEQ2SEQ, overrides)
 
 
 def tiny_llama(**overrides):
-    config = LlamaConfig(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                pad_token_id=0,
-            ),
-            **overrides,
-        }
+    defaults = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped KV heads
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
-    return LlamaForCausalLM(config)
+    return _tiny(LlamaConfig, LlamaForCausalLM, defaults, overrides)
 
 
 def tiny_t5(**overrides):
     """Relative position bias enters the logits: the key-blur fast path cannot apply."""
-    config = T5Config(
-        **{
-            **dict(
-                vocab_size=VOCAB,
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                dropout_rate=0.0,
-                pad_token_id=0,
-                decoder_start_token_id=0,
-            ),
-            **overrides,
-        }
+    defaults = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        decoder_start_token_id=0,
     )
-    return T5ForConditionalGeneration(config)
+    return _tiny(T5Config, T5ForConditionalGeneration, defaults, overrides)
 
 
 def image_batch(batch=3, seed=0):
