@@ -13,12 +13,13 @@ from .config import BASE_IMPLEMENTATIONS, AttentionDropConfig
 from .integration import ATTN_IMPLEMENTATION
 from .sites import SITE_ATTRIBUTE, annotate_sites, attention_modules
 
-__all__ = ["disable_attentiondrop", "enable_attentiondrop"]
+__all__ = ["check_supported", "disable_attentiondrop", "enable_attentiondrop"]
 
 _RESTORE_ATTRIBUTE = "_attentiondrop_restore"
 
 
-def _check_supported(model: PreTrainedModel) -> dict:
+def check_supported(model: PreTrainedModel) -> dict:
+    """The model's attention modules by path; raises `ValueError` for a model AttentionDrop cannot perturb."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"AttentionDrop needs a transformers PreTrainedModel, got {type(model).__name__}")
     modules = attention_modules(model)
@@ -57,7 +58,7 @@ def enable_attentiondrop(
     Returns:
         The same model.
     """
-    modules = _check_supported(model)
+    modules = check_supported(model)
     if config is not None and flags:
         raise ValueError("pass AttentionDrop flags either as `config` or as keyword arguments, not both")
     current = model.config._attn_implementation
@@ -94,7 +95,7 @@ def disable_attentiondrop(model: PreTrainedModel) -> PreTrainedModel:
     A model loaded with `attn_implementation="attentiondrop"` returns to its `base_attn_implementation` and loses
     its flags.
     """
-    modules = _check_supported(model)
+    modules = check_supported(model)
     configs = _attention_configs(model, modules)
     if hasattr(model, _RESTORE_ATTRIBUTE):
         implementation, previous_flags = getattr(model, _RESTORE_ATTRIBUTE)

@@ -23,6 +23,8 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Seq2SeqTrainingArgumen
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
+from .integration import ATTN_IMPLEMENTATION
+from .model import check_supported
 from .model_card import attentiondrop_card_section, attentiondrop_tags, plot_training_curves
 from .ops import summed_cross_entropy, summed_kl
 
@@ -93,6 +95,9 @@ class _ConsistencyLossMixin:
         self._forward_kwargs = {"use_cache": False} if "use_cache" in forward else {}
         self._term_sums: dict[str, torch.Tensor] = {}
         self._log_window = 1
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if getattr(unwrapped.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            check_supported(unwrapped)  # loaded with attn_implementation="attentiondrop": never a silent no-op
         self._warn_if_nothing_perturbs()
 
     def _warn_if_nothing_perturbs(self):

@@ -124,6 +124,15 @@ def test_invalid_arguments_raise(tmp_path):
         AttentionDropTrainer(model=vit_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
+def test_a_model_loaded_with_attentiondrop_that_cannot_use_it_is_refused(tmp_path):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = DebertaV2ForSequenceClassification._from_config(config, attn_implementation="attentiondrop")
+    with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+        make_trainer(model, tmp_path)
+
+
 @pytest.mark.parametrize("kl", ["forward", "symmetric"])
 @pytest.mark.parametrize("task", ["vit", "marian"])
 def test_loss_matches_reference_from_the_two_halves(task, kl, tmp_path):
