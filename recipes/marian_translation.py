@@ -83,9 +83,11 @@ def load_pairs(data_args: TranslationDataArguments, cache_dir: str | None) -> Da
             raise ValueError(f"could not read the translation files {files}: {error}") from error
     else:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    first = raw["train"][0] if len(raw["train"]) else {}
     if "translation" not in raw["train"].column_names:
         raise ValueError(f"the data has no 'translation' column (columns: {raw['train'].column_names})")
+    if len(raw["train"]) == 0:
+        raise ValueError("the training data has no examples")
+    first = raw["train"][0]
     for flag in ("source_lang", "target_lang"):
         language = getattr(data_args, flag)
         if language not in first["translation"]:

@@ -128,13 +128,15 @@ def image_column(data_args: ImageDataArguments, columns: list[str]) -> str:
     return found[0]
 
 
-def class_names(dataset: Dataset, label_column: str) -> list[str]:
+def label_encoding(dataset: Dataset, label_column: str) -> tuple[list[str], dict | None]:
+    """Class names, and the map from the column's values to class indices (`None`: a ClassLabel, already indices)."""
     if label_column not in dataset.column_names:
         raise ValueError(f"--label_column_name {label_column!r} is not a column of {dataset.column_names}")
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(value) for value in sorted(set(dataset[label_column]))]
+        return list(feature.names), None
+    values = sorted(set(dataset[label_column]))  # numeric order for numbers: 2 before 10
+    return [str(value) for value in values], {value: index for index, value in enumerate(values)}
 
 
 def random_resized_crop(image, scale_min: float, rng: random.Random):
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     raw = load_images(data_args, model_args.cache_dir, training_args.seed)
     image_key = image_column(data_args, raw["train"].column_names)
-    labels = class_names(raw["train"], data_args.label_column_name)
+    labels, label_ids = label_encoding(raw["train"], data_args.label_column_name)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None:
             raw[split] = raw[split].shuffle(seed=training_args.seed).select(range(min(limit, len(raw[split]))))
@@ -181,7 +183,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         size = config.image_size
         image_processor = ViTImageProcessorPil(size={"height": size, "width": size})
 
-    label_ids = {name: i for i, name in enumerate(labels)}
     rng = random.Random(training_args.seed)
 
     def transform(train: bool):
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 images = [image.transpose(flip) if rng.random() < 0.5 else image for image in images]
             batch["pixel_values"] = image_processor(images, return_tensors="pt")["pixel_values"]
             raw_labels = batch[data_args.label_column_name]
-            batch["labels"] = [v if isinstance(v, int) else label_ids[str(v)] for v in raw_labels]
+            batch["labels"] = raw_labels if label_ids is None else [label_ids[value] for value in raw_labels]
             return batch
 
         return apply

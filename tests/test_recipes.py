@@ -10,7 +10,7 @@ import pytest
 import sacrebleu
 import yaml
 from conftest import SHARED_DATA
-from datasets import ClassLabel, Dataset, Features, Image
+from datasets import ClassLabel, Dataset, Features, Image, Value
 from huggingface_hub import HfApi
 from PIL import Image as PILImage
 
@@ -132,6 +132,18 @@ def test_vit_recipe_on_an_image_folder_and_its_card(tmp_path):
     assert "Inference needs no plugin" in text and "arXiv:2504.12088" in text
     assert "[](" not in text and "More information needed\n\n## Training procedure" not in text
     assert "![Training curves](training_curves.png)" in text and (output_dir / "training_curves.png").is_file()
+
+
+def test_vit_recipe_encodes_plain_integer_labels_in_numeric_order(tmp_path):
+    """Labels stored as plain integers (no ClassLabel), not starting at 0, with 10 sorting after 2 as text."""
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(9)]
+    path = str(tmp_path / "ints.parquet")
+    features = Features({"img": Image(), "label": Value("int64")})
+    Dataset.from_dict({"img": images, "label": [2, 10, 7] * 3}, features=features).to_parquet(path)
+    vit_image_classification.main(vit_argv(tmp_path / "run", path, path))
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["id2label"] == {"0": "2", "1": "7", "2": "10"}
 
 
 def test_marian_recipe_on_multi30k_with_a_trained_tokenizer(tmp_path):
