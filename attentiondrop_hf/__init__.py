@@ -1,22 +1,26 @@
 """AttentionDrop for Hugging Face Transformers (arXiv 2504.12088).
 
-Importing the package registers the `"attentiondrop"` attention implementation (attention and mask interfaces) and
-the built-in variants "hard" and "blur".
+Importing the package registers the `"attentiondrop"` attention implementation (attention and mask interfaces),
+makes `attentiondrop` an attribute of every Transformers config, and registers the built-in variants "hard" and
+"blur". Layers, imports pointing one way: `ops` (pure torch) <- `variants` <- `config` <- `hf` (everything that
+touches Transformers).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import variants  # noqa: E402,F401  (registers the built-in variants)
 from .config import AttentionDropConfig  # noqa: E402
-from .integration import ATTN_IMPLEMENTATION, force_reference_path, register  # noqa: E402
-from .model import disable_attentiondrop, enable_attentiondrop  # noqa: E402
-from .registry import AttentionDropVariant, PerturbedCall, register_variant  # noqa: E402
-from .trainer import (  # noqa: E402
+from .hf.attention import ATTN_IMPLEMENTATION, force_reference_path, register  # noqa: E402
+from .hf.switch import check_attentiondrop, disable_attentiondrop, enable_attentiondrop  # noqa: E402
+from .hf.trainer import (  # noqa: E402
     AttentionDropSeq2SeqTrainer,
     AttentionDropSeq2SeqTrainingArguments,
     AttentionDropTrainer,
     AttentionDropTrainingArguments,
+    ConsistencyArguments,
+    ConsistencyMixin,
 )
+from .variants import AttentionDropVariant, PerturbedCall, register_variant  # noqa: E402
 
 register()
 
@@ -28,7 +32,10 @@ __all__ = [
     "AttentionDropTrainer",
     "AttentionDropTrainingArguments",
     "AttentionDropVariant",
+    "ConsistencyArguments",
+    "ConsistencyMixin",
     "PerturbedCall",
+    "check_attentiondrop",
     "disable_attentiondrop",
     "enable_attentiondrop",
     "force_reference_path",

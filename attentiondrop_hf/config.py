@@ -1,11 +1,11 @@
-"""`AttentionDropConfig`: every AttentionDrop flag, its default and its valid range, validated in one place.
+"""`AttentionDropConfig`: the single source of truth of the flags, validated in one place.
 
-A model carries its flags as a plain dict in `config.attentiondrop` (`AttentionDropConfig.to_dict()`), so they are
-saved in config.json and a checkpoint loads in stock Transformers without this package. Nothing downstream of
-`__post_init__` re-validates a flag.
+The common flags (which variant, which attention roles and layers, what runs when nothing is perturbed) are fields
+of this dataclass; the chosen variant's own options are its `options_class` instance in `options` (each variant
+validates its own). A model carries the flags as one flat dict in `config.attentiondrop` (`to_dict()`), so they are
+saved in config.json and a checkpoint loads in stock Transformers without this package.
 """
 
-import math
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -13,9 +13,10 @@ from typing import Any, Literal
 from packaging.version import Version
 
 from . import __version__
-from .registry import get_variant, registered_variants
+from .variants import get_variant, registered_variants
+from .variants.base import is_int, reserve_option_names
 
-__all__ = ["BASE_IMPLEMENTATIONS", "ROLES", "AttentionDropConfig"]
+__all__ = ["BASE_IMPLEMENTATIONS", "ROLES", "VERSION_KEY", "AttentionDropConfig"]
 
 ROLES = ("self", "causal", "cross")
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -24,157 +25,157 @@ BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 VERSION_KEY = "attentiondrop_hf_version"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
+@dataclass(init=False)
 class AttentionDropConfig:
-    """AttentionDrop flags (arXiv 2504.12088). Validated on construction; invalid values raise `ValueError`."""
+    """AttentionDrop flags (arXiv 2504.12088). Validated on construction; invalid values raise `ValueError`.
+
+    `AttentionDropConfig(variant="blur", blur_width=7)` takes the common flags and the variant's options by name;
+    `options=` takes the variant's options as its dataclass or a dict instead.
+    """
 
     variant: str = field(
         default="hard",
+        metadata={"help": "Registered variant: 'hard' (top-k logit dropping), 'blur' (Gaussian logit blur), ..."},
+    )
+    targets: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "Registered variant: 'hard' (top-k logit dropping), 'blur' (Gaussian logit blur) or a user's."
+            "help": "Attention roles to perturb: any of 'self', 'causal', 'cross'. Default: bidirectional "
+            "self-attention (the paper) where a model has it; the causal self-attention of decoder-only models."
         },
     )
-    p: float = field(
-        default=0.1, metadata={"help": "hard: drop probability of each of a row's top-k logits, in [0, 1]."}
-    )
-    top_k: int = field(
-        default=8, metadata={"help": "hard: candidates per query row (>= 1), clamped to the row's attendable keys."}
-    )
-    hard_fill: Literal["zero", "mask"] = field(
-        default="zero",
-        metadata={"help": "hard: replace a dropped logit by 0 ('zero', the paper) or remove its key ('mask')."},
-    )
-    blur_width: int = field(default=5, metadata={"help": "blur: odd kernel width >= 3, in key positions."})
-    blur_sigma_min: float = field(default=0.0, metadata={"help": "blur: lower bound of sigma ~ U(min, max), >= 0."})
-    blur_sigma_max: float = field(default=1.0, metadata={"help": "blur: upper bound of sigma, >= blur_sigma_min."})
-    blur_sigma_per: Literal["example", "batch"] = field(
-        default="example",
-        metadata={"help": "blur: draw sigma per 'example' (default; needed by the consistency pass) or per 'batch'."},
-    )
-    targets: list[str] = field(
-        default_factory=lambda: ["self"],
-        metadata={"help": "Attention roles to perturb: any of 'self', 'causal', 'cross' (default: self, the paper)."},
-    )
     layers: list[int] | None = field(
-        default=None, metadata={"help": "Layer indices to perturb within each stack (default: all layers)."}
+        default=None,
+        metadata={"help": "Layer indices to perturb within each stack of attention blocks (default: all layers)."},
     )
     base_attn_implementation: Literal["sdpa", "eager"] = field(
         default="sdpa",
         metadata={"help": "Implementation run when nothing is perturbed (eval, untargeted roles and layers)."},
     )
+    options: Any = field(
+        default=None, init=False, metadata={"help": "The chosen variant's own options (its `options_class`)."}
+    )
 
-    def __post_init__(self):
+    def __init__(self, options: Any = None, **flags: Any):
+        for common in fields(self):
+            if common.init:
+                setattr(self, common.name, flags.pop(common.name) if common.name in flags else _default(common))
         variant = get_variant(self.variant)
-        if not _is_number(self.p) or not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"`p` must be in [0, 1], got {self.p!r}")
-        if not _is_int(self.top_k) or self.top_k < 1:
-            raise ValueError(f"`top_k` must be an integer >= 1, got {self.top_k!r}")
-        if self.hard_fill not in ("zero", "mask"):
-            raise ValueError(f"`hard_fill` must be 'zero' or 'mask', got {self.hard_fill!r}")
-        if not _is_int(self.blur_width) or self.blur_width < 3 or self.blur_width % 2 == 0:
-            raise ValueError(f"`blur_width` must be an odd integer >= 3, got {self.blur_width!r}")
-        for name in ("blur_sigma_min", "blur_sigma_max"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {getattr(self, name)!r}")
-        if self.blur_sigma_min > self.blur_sigma_max:
-            raise ValueError(
-                f"`blur_sigma_min` ({self.blur_sigma_min}) must not exceed `blur_sigma_max` ({self.blur_sigma_max})"
-            )
-        if self.blur_sigma_per not in ("example", "batch"):
-            raise ValueError(f"`blur_sigma_per` must be 'example' or 'batch', got {self.blur_sigma_per!r}")
-        self.targets = self._normalise_targets(self.targets)
-        self.layers = self._normalise_layers(self.layers)
+        self.targets = _normalise_targets(self.targets)
+        self.layers = _normalise_layers(self.layers)
         if self.base_attn_implementation not in BASE_IMPLEMENTATIONS:
             raise ValueError(
                 f"`base_attn_implementation` must be one of {list(BASE_IMPLEMENTATIONS)}, "
                 f"got {self.base_attn_implementation!r}"
             )
+        self.options = _build_options(variant, options, flags)
         variant.validate(self)
-        self._warn_ignored_flags(variant)
-        if (self.variant == "hard" and self.p > 0.5) or (self.variant == "blur" and self.blur_width > 9):
-            warnings.warn(
-                "the paper reports p <= 0.5 and blur_width <= 9 working and larger values hurting; "
-                f"got p={self.p}, blur_width={self.blur_width}",
-                UserWarning,
-                stacklevel=3,
-            )
 
-    @staticmethod
-    def _normalise_targets(targets: Any) -> list[str]:
-        if isinstance(targets, str):
-            targets = [targets]
-        if not isinstance(targets, (list, tuple)) or not targets:
-            raise ValueError(f"`targets` must be a non-empty list of roles from {list(ROLES)}, got {targets!r}")
-        if unknown := [t for t in targets if t not in ROLES]:
-            raise ValueError(f"`targets` must be roles from {list(ROLES)}, got unknown {unknown}")
-        return [role for role in ROLES if role in targets]
+    def targets_role(self, role: str, decoder_only_stack: bool) -> bool:
+        """Whether attention calls of `role` are perturbed. With `targets` unset: bidirectional self-attention,
+        and the causal self-attention of a decoder-only stack (a language model, which has no other)."""
+        if self.targets is None:
+            return role == "self" or (role == "causal" and decoder_only_stack)
+        return role in self.targets
 
-    @staticmethod
-    def _normalise_layers(layers: Any) -> list[int] | None:
-        if layers is None:
-            return None
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not layers:
-            raise ValueError(f"`layers` must be None (all layers) or a non-empty list of indices, got {layers!r}")
-        if bad := [i for i in layers if not _is_int(i) or i < 0]:
-            raise ValueError(f"`layers` must hold layer indices >= 0, got {bad}")
-        return sorted(set(layers))
-
-    def _warn_ignored_flags(self, variant) -> None:
-        variant_flags = {name for cls in registered_variants().values() for name in cls.config_fields}
-        ignored = [
-            f.name
-            for f in fields(self)
-            if f.name in variant_flags - set(variant.config_fields) and getattr(self, f.name) != _default(f)
-        ]
-        if ignored:
-            warnings.warn(f"AttentionDrop variant {self.variant!r} ignores {ignored}", UserWarning, stacklevel=3)
-
-    def check_layers(self, num_layers: int) -> None:
-        """Raise `ValueError` if `layers` names a layer a stack of `num_layers` layers does not have."""
-        if self.layers is not None and (out_of_range := [i for i in self.layers if i >= num_layers]):
-            raise ValueError(f"`layers` {out_of_range} out of range: the model has {num_layers} layers per stack")
-
-    def perturbs(self, role: str, layer: int | None) -> bool:
-        """Whether an attention call of this role and layer is perturbed (in training)."""
-        return role in self.targets and (self.layers is None or layer in self.layers)
+    def selects_layer(self, layer: int | None) -> bool:
+        return self.layers is None or layer in self.layers
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every flag, as stored in `config.attentiondrop`."""
-        return {**asdict(self), VERSION_KEY: __version__}
+        """The flat, JSON-serialisable dict stored in `config.attentiondrop`: common flags, variant options."""
+        common = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {**common, **asdict(self.options), VERSION_KEY: __version__}
 
     @classmethod
     def from_dict(cls, flags: dict[str, Any]) -> "AttentionDropConfig":
-        """Build from a dict (e.g. `config.attentiondrop`). Unknown keys raise, unless the dict was written by a
-        newer attentiondrop_hf: its new flags are then dropped with a warning."""
+        """Build from a flat dict (e.g. `config.attentiondrop`). Unknown keys raise, unless the dict was written by a
+        newer attentiondrop_hf: its new flags are then dropped with one warning."""
         if isinstance(flags, cls):
             return flags
         if not isinstance(flags, dict):
             raise ValueError(f"`config.attentiondrop` must be a dict of flags, got {type(flags).__name__}")
-        known = {f.name for f in fields(cls)}
         flags = dict(flags)
         written_by = flags.pop(VERSION_KEY, None)
-        if unknown := sorted(set(flags) - known):
-            if written_by is not None and Version(str(written_by)) > Version(__version__):
+        if written_by is not None and Version(str(written_by)) > Version(__version__):
+            known = _all_flag_names()
+            if unknown := sorted(set(flags) - known):
                 warnings.warn(
                     f"config.attentiondrop was written by attentiondrop_hf {written_by}; dropping flags this version "
                     f"({__version__}) does not know: {unknown}",
                     UserWarning,
                     stacklevel=2,
                 )
-            else:
-                raise ValueError(f"unknown AttentionDrop flag(s) {unknown}; known flags: {sorted(known)}")
-        return cls(**{k: v for k, v in flags.items() if k in known})
+                flags = {k: v for k, v in flags.items() if k in known}
+        return cls(**flags)
 
 
 def _default(f):
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def _common_flag_names() -> set[str]:
+    return {f.name for f in fields(AttentionDropConfig) if f.init}
+
+
+def _all_flag_names() -> set[str]:
+    options = {f.name for v in registered_variants().values() for f in fields(v.options_class)}
+    return _common_flag_names() | options
+
+
+def _build_options(variant, options: Any, option_flags: dict[str, Any]):
+    """The variant's options from `options=` or from flags given by name; other variants' flags are ignored (with a
+    warning when set away from their defaults), unknown flags raise."""
+    own = {f.name: f for f in fields(variant.options_class)}
+    others = {
+        f.name: f
+        for other in registered_variants().values()
+        if other is not variant
+        for f in fields(other.options_class)
+    }
+    if unknown := sorted(set(option_flags) - set(own) - set(others)):
+        raise ValueError(f"unknown AttentionDrop flag(s) {unknown}; known flags: {sorted(_all_flag_names())}")
+    if ignored := sorted(k for k in option_flags if k in others and option_flags[k] != _default(others[k])):
+        warnings.warn(f"AttentionDrop variant {variant.name!r} ignores {ignored}", UserWarning, stacklevel=4)
+    given = {k: v for k, v in option_flags.items() if k in own}
+    if options is None:
+        return variant.options_class(**given)
+    if given:
+        raise ValueError(f"pass the options of variant {variant.name!r} either as `options` or by name, not both")
+    if isinstance(options, variant.options_class):
+        return options
+    if isinstance(options, dict):
+        return _build_options(variant, None, options)
+    raise ValueError(
+        f"`options` of variant {variant.name!r} must be a {variant.options_class.__name__} or a dict, "
+        f"got {type(options).__name__}"
+    )
+
+
+def _normalise_targets(targets: Any) -> list[str] | None:
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(
+            f"`targets` must be None (the default roles) or a non-empty list of roles from {list(ROLES)}, "
+            f"got {targets!r}"
+        )
+    if unknown := [t for t in targets if t not in ROLES]:
+        raise ValueError(f"`targets` must be roles from {list(ROLES)}, got unknown {unknown}")
+    return [role for role in ROLES if role in targets]
+
+
+def _normalise_layers(layers: Any) -> list[int] | None:
+    if layers is None:
+        return None
+    if is_int(layers):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"`layers` must be None (all layers) or a non-empty list of indices, got {layers!r}")
+    if bad := [i for i in layers if not is_int(i) or i < 0]:
+        raise ValueError(f"`layers` must hold layer indices >= 0, got {bad}")
+    return sorted(set(layers))
+
+
+reserve_option_names(_common_flag_names() | {VERSION_KEY})

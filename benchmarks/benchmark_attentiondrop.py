@@ -30,7 +30,7 @@ import torch
 
 import attentiondrop_hf
 from attentiondrop_hf import enable_attentiondrop, force_reference_path, ops
-from attentiondrop_hf.integration import attentiondrop_attention_forward
+from attentiondrop_hf.hf.attention import attentiondrop_attention_forward
 
 HARD = {"variant": "hard", "p": 0.1, "top_k": 8}
 BLUR = {"variant": "blur", "blur_width": 5, "blur_sigma_min": 0.0, "blur_sigma_max": 1.0}
@@ -208,7 +208,7 @@ def attention_step(mode: str, device: str, sizes: dict):
     if implementation == "sdpa":
         function = ALL_ATTENTION_FUNCTIONS["sdpa"]
     elif implementation == "eager":
-        from attentiondrop_hf.integration import generic_eager_attention as function
+        from attentiondrop_hf.hf.attention import generic_eager_attention as function
     else:
         function = attentiondrop_attention_forward
 

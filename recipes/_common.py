@@ -1,14 +1,22 @@
-"""What both recipes share: argument parsing (command line, or a JSON file plus command-line overrides), the model
-arguments, a model built from a Hub checkpoint or from a config alone, and the end of a run (save, card, summary)."""
+"""What both recipes share: argument parsing (command line, or a JSON file plus command-line overrides, with every
+registered variant's own flags), the model arguments, a model built from a Hub checkpoint or from a config alone,
+resuming from the checkpoints of an earlier run, and the end of a run (save, card, summary)."""
 
+import dataclasses
+import importlib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field, fields
 
 from transformers import AutoConfig, HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
 
 from attentiondrop_hf import AttentionDropConfig, enable_attentiondrop
+from attentiondrop_hf.variants import registered_variants
+
+logger = logging.getLogger(__name__)
 
 # JSON configs refer to the shared data as ${ATTENTIONDROP_DATA}/...; by default the folder beside the checkout.
 os.environ.setdefault(
@@ -37,6 +45,16 @@ class ModelArguments:
         default=True,
         metadata={"help": "False trains the unregularized baseline (with consistency_weight > 0: plain R-Drop)."},
     )
+    variant_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to import first, e.g. your own `@register_variant`s: their flags become flags."},
+    )
+    start_over: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch even if --output_dir holds checkpoints of an earlier run (default: resume)."
+        },
+    )
 
     def __post_init__(self):
         if self.model_type is not None:
@@ -51,18 +69,17 @@ class ModelArguments:
             raise ValueError("pass --model_name_or_path (pretrained weights) or --model_type / --config_name")
 
 
-def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """`python recipe.py [config.json] [--flag value ...]`: flags override the JSON file's values.
-
-    String values in the JSON may use environment variables (`${ATTENTIONDROP_DATA}/cifar10/train.parquet`).
-    Unknown keys or flags raise before anything is loaded.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith(".json"):
-        with open(argv[0], encoding="utf-8") as handle:
-            argv = _json_to_flags(json.load(handle)) + argv[1:]
-    parser = HfArgumentParser(dataclass_types)
-    return parser.parse_args_into_dataclasses(args=argv)
+def _read_json_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path!r} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a JSON object of flags, got {type(values).__name__}")
+    return values
 
 
 def _json_to_flags(values: dict) -> list[str]:
@@ -78,6 +95,40 @@ def _json_to_flags(values: dict) -> list[str]:
         else:
             flags.append(os.path.expandvars(str(value)))
     return flags
+
+
+def _import_variant_modules(argv: list[str]) -> None:
+    """Import `--variant_modules` before the parser is built, so their variants' flags are flags too."""
+    if "--variant_modules" not in argv:
+        return
+    start = argv.index("--variant_modules") + 1
+    for name in argv[start:]:
+        if name.startswith("--"):
+            break
+        importlib.import_module(name)
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None):
+    """`python recipe.py [config.json] [--flag value ...]`: flags override the JSON file's values.
+
+    Parses `dataclass_types` plus the AttentionDrop flags (the common ones and every registered variant's own
+    options), and returns the instances of `dataclass_types` followed by the `AttentionDropConfig` they describe.
+    String values in the JSON may use environment variables (`${ATTENTIONDROP_DATA}/cifar10/train.parquet`).
+    Unknown keys or flags raise before anything is loaded; flags are never abbreviated (`--num_train_epoch` is not
+    `--num_train_epochs`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        argv = _json_to_flags(_read_json_config(argv[0])) + argv[1:]
+    _import_variant_modules(argv)
+    option_classes = [variant.options_class for variant in registered_variants().values()]
+    option_classes = [c for c in option_classes if dataclasses.fields(c)]
+    parser = HfArgumentParser((*dataclass_types, AttentionDropConfig, *option_classes), allow_abbrev=False)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    recipe_arguments, flags = parsed[: len(dataclass_types)], parsed[len(dataclass_types) :]
+    common = {f.name: getattr(flags[0], f.name) for f in fields(AttentionDropConfig) if f.init}
+    options = {k: v for instance in flags[1:] for k, v in dataclasses.asdict(instance).items()}
+    return (*recipe_arguments, AttentionDropConfig(**common, **options))
 
 
 def require_file(path: str | None, flag: str) -> None:
@@ -110,6 +161,22 @@ def load_model(auto_class, model_args: ModelArguments, config, attentiondrop: At
     if model_args.use_attentiondrop:
         enable_attentiondrop(model, attentiondrop)
     return model
+
+
+def checkpoint_to_resume(model_args: ModelArguments, training_args) -> str | None:
+    """Where training resumes from, as in Transformers' examples: `--resume_from_checkpoint`, else the last checkpoint
+    an earlier run left in `--output_dir` (said in the log), unless `--start_over`."""
+    if training_args.resume_from_checkpoint is not None or model_args.start_over:
+        return training_args.resume_from_checkpoint
+    if not os.path.isdir(training_args.output_dir):
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    if last is not None:
+        logger.warning(
+            f"Resuming from {last}, left in --output_dir by an earlier run. Pass --start_over true to train from "
+            "scratch (its checkpoints are then overwritten) or choose another --output_dir."
+        )
+    return last
 
 
 def finish(trainer, metrics: dict[str, float], card: dict) -> None:

@@ -15,17 +15,21 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import metrics
 import numpy as np
-from _common import ModelArguments, finish, load_config, load_model, parse_arguments, require_file
+from _common import (
+    ModelArguments,
+    checkpoint_to_resume,
+    finish,
+    load_config,
+    load_model,
+    parse_arguments,
+    require_file,
+)
 from datasets import DatasetDict, load_dataset
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, MarianTokenizer, set_seed
 
-from attentiondrop_hf import (
-    AttentionDropConfig,
-    AttentionDropSeq2SeqTrainer,
-    AttentionDropSeq2SeqTrainingArguments,
-    metrics,
-)
+from attentiondrop_hf import AttentionDropSeq2SeqTrainer, AttentionDropSeq2SeqTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +75,60 @@ class TranslationDataArguments:
             raise ValueError(f"--source_lang and --target_lang are both {self.source_lang!r}")
 
 
+def check_pair(pair, languages: dict[str, str], where: str) -> None:
+    """A clear error, naming the file and row (`where`) and the language, for a row the recipe cannot train on.
+
+    Args:
+        languages (`dict[str, str]`): flag -> language, e.g. `{"--source_lang": "en", "--target_lang": "de"}`.
+    """
+    translation = pair.get("translation") if isinstance(pair, dict) else None
+    if not isinstance(translation, dict):
+        raise ValueError(f'{where}: expected {{"translation": {{...}}}}, got {json.dumps(pair)[:80]}')
+    for flag, language in languages.items():
+        if language not in translation:
+            raise ValueError(
+                f"{where}: {flag} {language!r} is not a language of this row (languages: {sorted(translation)})"
+            )
+        text = translation[language]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: {flag} {language!r} is {json.dumps(text)}, not a sentence")
+
+
+def check_jsonl(path: str, languages: dict[str, str]) -> None:
+    """Read a translation jsonl line by line: malformed JSON, an empty file or a bad row raise naming the file and
+    line, before a tokenizer is trained on it."""
+    rows = 0
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error})") from None
+            check_pair(pair, languages, f"{path}, line {line_number}")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f'{path} holds no examples (one {{"translation": {{...}}}} object per line expected)')
+
+
 def load_pairs(data_args: TranslationDataArguments, cache_dir: str | None) -> DatasetDict:
+    languages = {"--source_lang": data_args.source_lang, "--target_lang": data_args.target_lang}
     if data_args.train_file:
         files = {"train": data_args.train_file}
         files.update(
             {s: getattr(data_args, f"{s}_file") for s in ("validation", "test") if getattr(data_args, f"{s}_file")}
         )
-        try:
-            raw = load_dataset("json", data_files=files, cache_dir=cache_dir)
-        except Exception as error:  # an unreadable file: say which flag pointed at it
-            raise ValueError(f"could not read the translation files {files}: {error}") from error
+        for path in files.values():
+            check_jsonl(path, languages)
+        raw = load_dataset("json", data_files=files, cache_dir=cache_dir)
     else:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    if "translation" not in raw["train"].column_names:
-        raise ValueError(f"the data has no 'translation' column (columns: {raw['train'].column_names})")
-    if len(raw["train"]) == 0:
-        raise ValueError("the training data has no examples")
-    first = raw["train"][0]
-    for flag in ("source_lang", "target_lang"):
-        language = getattr(data_args, flag)
-        if language not in first["translation"]:
-            raise ValueError(f"--{flag} {language!r} is not a language of the data: {sorted(first['translation'])}")
+        for split, dataset in raw.items():
+            if "translation" not in dataset.column_names:
+                raise ValueError(f"the data has no 'translation' column (columns: {dataset.column_names})")
+            for row, translation in enumerate(dataset["translation"]):
+                check_pair({"translation": translation}, languages, f"{data_args.dataset_name} {split}, row {row}")
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=0.05, seed=0)
         raw["train"], raw["validation"] = split["train"], split["test"]
@@ -133,14 +170,8 @@ def train_marian_tokenizer(pairs, source_lang: str, target_lang: str, directory:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, attentiondrop, training_args = parse_arguments(
-        (
-            TranslationModelArguments,
-            TranslationDataArguments,
-            AttentionDropConfig,
-            AttentionDropSeq2SeqTrainingArguments,
-        ),
-        argv,
+    model_args, data_args, training_args, attentiondrop = parse_arguments(
+        (TranslationModelArguments, TranslationDataArguments, AttentionDropSeq2SeqTrainingArguments), argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(model_args, training_args))
     results = trainer.evaluate(metric_key_prefix="eval")
     if "test" in tokenized:
         test_metrics = trainer.predict(tokenized["test"], metric_key_prefix="test").metrics

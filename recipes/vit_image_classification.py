@@ -9,20 +9,30 @@ Any flag of the model, data, AttentionDrop and training arguments can be given o
 a JSON file (it then overrides the file's value): `--help` lists them.
 """
 
+import io
 import logging
 import os
 import random
 import sys
 from dataclasses import dataclass, field
 
+import metrics
 import numpy as np
 import torch
-from _common import ModelArguments, finish, load_config, load_model, parse_arguments, require_file
+from _common import (
+    ModelArguments,
+    checkpoint_to_resume,
+    finish,
+    load_config,
+    load_model,
+    parse_arguments,
+    require_file,
+)
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessorPil, set_seed
 
-from attentiondrop_hf import AttentionDropConfig, AttentionDropTrainer, AttentionDropTrainingArguments, metrics
+from attentiondrop_hf import AttentionDropTrainer, AttentionDropTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +127,21 @@ def load_images(data_args: ImageDataArguments, cache_dir: str | None, seed: int)
     return raw
 
 
+def check_images_decode(dataset: Dataset, column: str, source: str) -> None:
+    """Open every image's header (fast: no pixels are decoded) and name the file and row of one that cannot be read,
+    before anything trains."""
+    raw = dataset.cast_column(column, Image(decode=False))
+    for row, image in enumerate(raw[column]):
+        try:
+            data = image["bytes"] if image.get("bytes") is not None else image["path"]
+            with PILImage.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
+                opened.verify()
+        except Exception as error:  # PIL raises several types for corrupt data
+            where = image.get("path") or source
+            message = f"{where}: row {row} of column {column!r}: the image cannot be decoded ({error})"
+            raise ValueError(message) from None
+
+
 def image_column(data_args: ImageDataArguments, columns: list[str]) -> str:
     if data_args.image_column_name is not None:
         if data_args.image_column_name not in columns:
@@ -139,6 +164,29 @@ def label_encoding(dataset: Dataset, label_column: str) -> tuple[list[str], dict
     return [str(value) for value in values], {value: index for index, value in enumerate(values)}
 
 
+class AugmentationRandomness:
+    """The random numbers of the train-time augmentations, apart from torch's (so that AttentionDrop's draws do not
+    change which crops a run sees: runs that differ only in regularization see the same images).
+
+    In the main process (`dataloader_num_workers=0`) one generator seeded with the training seed. A data-loading
+    worker would otherwise carry a copy of that generator, the same in every worker and, without persistent workers,
+    again at every epoch: each worker instead gets its own generator, seeded from the seed torch gives that worker
+    (different per worker and per epoch).
+    """
+
+    def __init__(self, seed: int):
+        self.main = random.Random(seed)
+        self.worker_seed, self.worker = None, None
+
+    def generator(self) -> random.Random:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.main
+        if self.worker_seed != info.seed:
+            self.worker_seed, self.worker = info.seed, random.Random(info.seed)
+        return self.worker
+
+
 def random_resized_crop(image, scale_min: float, rng: random.Random):
     """torchvision's RandomResizedCrop sampling (area in [scale_min, 1], aspect in [3/4, 4/3]), on a PIL image."""
     width, height = image.size
@@ -153,8 +201,8 @@ def random_resized_crop(image, scale_min: float, rng: random.Random):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, attentiondrop, training_args = parse_arguments(
-        (ImageModelArguments, ImageDataArguments, AttentionDropConfig, AttentionDropTrainingArguments), argv
+    model_args, data_args, training_args, attentiondrop = parse_arguments(
+        (ImageModelArguments, ImageDataArguments, AttentionDropTrainingArguments), argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # The transforms below read the image column, which the Trainer would otherwise drop before they run.
@@ -164,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw = load_images(data_args, model_args.cache_dir, training_args.seed)
     image_key = image_column(data_args, raw["train"].column_names)
     labels, label_ids = label_encoding(raw["train"], data_args.label_column_name)
+    for split, source in (("train", data_args.train_file), ("validation", data_args.validation_file)):
+        check_images_decode(raw[split], image_key, source or f"the {split} split of {data_args.dataset_name}")
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None:
             raw[split] = raw[split].shuffle(seed=training_args.seed).select(range(min(limit, len(raw[split]))))
@@ -183,11 +233,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         size = config.image_size
         image_processor = ViTImageProcessorPil(size={"height": size, "width": size})
 
-    rng = random.Random(training_args.seed)
+    randomness = AugmentationRandomness(training_args.seed)
 
     def transform(train: bool):
         def apply(batch):
             images = [image.convert("RGB") for image in batch[image_key]]
+            rng = randomness.generator()
             if train and data_args.random_resized_crop:
                 images = [random_resized_crop(image, data_args.crop_scale_min, rng) for image in images]
             if train and data_args.horizontal_flip:
@@ -223,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_metrics,
         processing_class=image_processor,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(model_args, training_args))
     results = trainer.evaluate()
     dataset = os.path.basename(data_args.train_file) if data_args.train_file else data_args.dataset_name
     finish(

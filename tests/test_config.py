@@ -1,4 +1,5 @@
-"""AttentionDropConfig: every validation error names its flag; flags round-trip through config.json."""
+"""AttentionDropConfig and `config.attentiondrop`: every validation error names its flag; flags are validated when
+set (in place too), parsed once, reach the sub-configs of composite models, and round-trip through config.json."""
 
 import json
 import subprocess
@@ -7,11 +8,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import image_batch, tiny_vit
+from testing_common import build, image_batch, tiny_vit
 from transformers import ViTConfig, ViTForImageClassification
 
 from attentiondrop_hf import AttentionDropConfig, enable_attentiondrop
 from attentiondrop_hf.config import VERSION_KEY
+from attentiondrop_hf.variants import HardOptions, UnknownVariantError
 
 INVALID = [
     ({"p": 1.5}, "`p` must be in [0, 1]"),
@@ -29,10 +31,13 @@ INVALID = [
     ({"variant": "blur", "blur_sigma_per": "head"}, "`blur_sigma_per` must be 'example' or 'batch'"),
     ({"variant": "dropconnect"}, "`variant` must be one of ['blur', 'hard']"),
     ({"targets": ["encoder"]}, "`targets` must be roles from ['self', 'causal', 'cross']"),
-    ({"targets": []}, "`targets` must be a non-empty list"),
+    ({"targets": []}, "`targets` must be None (the default roles) or a non-empty list"),
     ({"layers": [-1]}, "`layers` must hold layer indices >= 0"),
     ({"layers": []}, "`layers` must be None (all layers) or a non-empty list"),
     ({"base_attn_implementation": "flash_attention_2"}, "`base_attn_implementation` must be one of"),
+    ({"top_kk": 3}, "unknown AttentionDrop flag(s) ['top_kk']"),
+    ({"options": 3}, "`options` of variant 'hard' must be a HardOptions or a dict"),
+    ({"options": {"p": 0.2}, "top_k": 3}, "either as `options` or by name, not both"),
 ]
 
 
@@ -43,12 +48,29 @@ def test_invalid_flags_raise_naming_the_flag(flags, message):
     assert message in str(error.value)
 
 
+def test_options_by_name_as_a_dict_or_as_the_variant_dataclass_are_the_same():
+    by_name = AttentionDropConfig(p=0.2, top_k=3)
+    assert by_name == AttentionDropConfig(options={"p": 0.2, "top_k": 3})
+    assert by_name == AttentionDropConfig(options=HardOptions(p=0.2, top_k=3))
+    assert by_name.options == HardOptions(p=0.2, top_k=3)
+    assert by_name.to_dict() == {
+        "variant": "hard",
+        "targets": None,
+        "layers": None,
+        "base_attn_implementation": "sdpa",
+        "p": 0.2,
+        "top_k": 3,
+        "hard_fill": "zero",
+        VERSION_KEY: by_name.to_dict()[VERSION_KEY],
+    }
+
+
 def test_unknown_flag_raises_but_newer_release_flags_are_dropped_with_a_warning():
     with pytest.raises(ValueError, match=r"unknown AttentionDrop flag\(s\) \['top_kk'\]"):
         AttentionDropConfig.from_dict({"top_kk": 3})
     with pytest.warns(UserWarning, match=r"dropping flags .* \['new_flag'\]"):
         settings = AttentionDropConfig.from_dict({"p": 0.2, "new_flag": 1, VERSION_KEY: "99.0.0"})
-    assert settings.p == 0.2
+    assert settings.options.p == 0.2
 
 
 def test_flags_of_another_variant_warn_that_they_are_ignored():
@@ -56,13 +78,13 @@ def test_flags_of_another_variant_warn_that_they_are_ignored():
         AttentionDropConfig(variant="blur", top_k=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AttentionDropConfig(variant="blur", blur_width=7)
+        AttentionDropConfig(variant="blur", blur_width=7, top_k=8)  # another variant's flag at its default: silent
 
 
 def test_values_beyond_the_papers_regime_warn():
-    with pytest.warns(UserWarning, match=r"p <= 0.5 and blur_width <= 9"):
+    with pytest.warns(UserWarning, match=r"p <= 0.5 .* got p=0.6"):
         AttentionDropConfig(p=0.6)
-    with pytest.warns(UserWarning, match=r"got p=0.1, blur_width=11"):
+    with pytest.warns(UserWarning, match=r"blur_width <= 9 .* got blur_width=11"):
         AttentionDropConfig(variant="blur", blur_width=11)
 
 
@@ -73,26 +95,66 @@ def test_normalisation_and_dict_round_trip():
     assert json.loads(json.dumps(settings.to_dict())) == settings.to_dict()
 
 
-def test_config_attribute_validates_on_assignment_and_from_pretrained(tmp_path):
+def test_default_targets_are_self_attention_and_the_causal_attention_of_decoder_only_stacks():
+    settings = AttentionDropConfig()
+    assert settings.targets_role("self", decoder_only_stack=False)
+    assert settings.targets_role("causal", decoder_only_stack=True)
+    assert not settings.targets_role("causal", decoder_only_stack=False)  # a seq2seq decoder: the paper leaves it
+    assert not settings.targets_role("cross", decoder_only_stack=False)
+    explicit = AttentionDropConfig(targets=["self"])
+    assert not explicit.targets_role("causal", decoder_only_stack=True)
+
+
+def test_config_attribute_validates_on_assignment_in_place_and_from_pretrained(tmp_path):
     config = ViTConfig()
     assert config.attentiondrop is None and "attentiondrop" not in config.to_diff_dict()
     with pytest.raises(ValueError, match="`p` must be in"):
         config.attentiondrop = {"p": 2}
     config.attentiondrop = {"variant": "hard", "top_k": 4}
-    assert config.attentiondrop["top_k"] == 4 and config.attentiondrop["variant"] == "hard"
+    assert config.attentiondrop["top_k"] == 4 and config.attentiondrop.settings.options.top_k == 4
+    # In place: validated, parsed again, and left unchanged by an invalid edit.
+    config.attentiondrop["top_k"] = 6
+    assert config.attentiondrop.settings.options.top_k == 6
+    with pytest.raises(ValueError, match="`top_k` must be an integer"):
+        config.attentiondrop["top_k"] = 0
+    config.attentiondrop.update(variant="blur", blur_width=7)
+    assert config.attentiondrop.settings.variant == "blur" and config.attentiondrop["blur_width"] == 7
+    assert config.attentiondrop.settings.options.blur_width == 7
+    assert json.loads(config.to_json_string())["attentiondrop"]["blur_width"] == 7
     tiny_vit().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="`top_k` must be an integer"):
         ViTForImageClassification.from_pretrained(tmp_path, attentiondrop={"top_k": 0})
 
 
-def test_layer_index_out_of_range_raises():
-    with pytest.raises(ValueError, match=r"`layers` \[5\] out of range: the model has 2 layers"):
-        enable_attentiondrop(tiny_vit(), layers=[5])
+def test_composite_configs_hand_the_flags_to_their_sub_configs(tmp_path):
+    clip = build("clip")
+    clip.config.attentiondrop = {"variant": "blur", "blur_width": 7}
+    for sub in (clip.config.text_config, clip.config.vision_config):
+        assert sub.attentiondrop["variant"] == "blur" and sub.attentiondrop.in_composite
+    clip.save_pretrained(tmp_path)
+    loaded = type(clip).from_pretrained(tmp_path, attn_implementation="attentiondrop", attentiondrop={"p": 0.3})
+    for config in (loaded.config, loaded.config.text_config, loaded.config.vision_config):
+        assert config.attentiondrop.settings == AttentionDropConfig(p=0.3), config.model_type
+    module = loaded.vision_model.encoder.layers[0].self_attn
+    assert module.config.attentiondrop.settings.options.p == 0.3
+
+
+def test_a_checkpoint_with_an_unregistered_variant_loads_and_evaluates(tmp_path):
+    """Inference never depends on the plugin: the variant is validated when a perturbed call needs it."""
     model = tiny_vit()
-    model.config.attentiondrop = {"layers": [2]}
-    model.set_attn_implementation("attentiondrop")
-    with pytest.raises(ValueError, match=r"`layers` \[2\] out of range"):
-        model.train()(**image_batch())
+    model.config.__dict__["attentiondrop"] = {"variant": "mine", "mine_strength": 2.0}  # as a checkpoint would hold
+    model.save_pretrained(tmp_path)
+    loaded = ViTForImageClassification.from_pretrained(tmp_path, attn_implementation="attentiondrop")
+    assert loaded.config.attentiondrop["variant"] == "mine" and loaded.config.attentiondrop.settings is None
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**image_batch()).logits, model.eval()(**image_batch()).logits)
+    with pytest.raises(UnknownVariantError, match=r"`variant` must be one of \['blur', 'hard'\], got 'mine'"):
+        loaded.train()(**image_batch())
+
+
+def test_layer_index_out_of_range_raises_up_front():
+    with pytest.raises(ValueError, match=r"`layers` \[5\] out of range: the targeted stacks .* at most 2 layers"):
+        enable_attentiondrop(tiny_vit(), layers=[5])
 
 
 STOCK_LOAD = """
@@ -122,19 +184,8 @@ def test_checkpoint_round_trip_and_stock_transformers_load(tmp_path):
     # Reloaded by stock transformers in a fresh interpreter: loads, runs on SDPA, same eval logits.
     pixels = image_batch()["pixel_values"]
     torch.save(pixels, tmp_path / "pixels.pt")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            STOCK_LOAD,
-            str(tmp_path / "ckpt"),
-            str(tmp_path / "pixels.pt"),
-            str(tmp_path / "out.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    command = [sys.executable, "-c", STOCK_LOAD, str(tmp_path / "ckpt"), str(tmp_path / "pixels.pt")]
+    result = subprocess.run([*command, str(tmp_path / "out.pt")], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1])["blur_width"] == 7
     with torch.no_grad():
         expected = model.eval()(pixel_values=pixels).logits

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attentiondrop_hf import force_reference_path, ops
-from attentiondrop_hf.integration import attentiondrop_attention_forward
+from attentiondrop_hf.hf.attention import attentiondrop_attention_forward
 
 pytestmark = [
     pytest.mark.gpu,

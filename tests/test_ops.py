@@ -118,14 +118,14 @@ def test_blur_logits_matches_loop_reference(causal, width):
     logits = torch.randn(2, 2, 5, 7)
     _, attendable = padding_and_causal(2, 5, 7, causal)
     sigma = torch.tensor([0.7, 2.0])
-    offsets = ops.blur_offsets(width, causal, torch.device("cpu"))
+    offsets = ops.blur_offsets(width, causal)
     got = ops.blur_logits(logits, attendable, ops.blur_taps(sigma, offsets), offsets)
     want = loop_blur(logits, attendable.expand(2, 2, 5, 7), sigma, width, causal)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_blur_keeps_constant_rows_constant_and_small_sigma_is_identity():
-    offsets = ops.blur_offsets(5, False, torch.device("cpu"))
+    offsets = ops.blur_offsets(5, False)
     constant = torch.full((1, 1, 3, 6), 2.5)
     _, attendable = padding_and_causal(1, 3, 6, causal=False)
     blurred = ops.blur_logits(constant, attendable, ops.blur_taps(torch.tensor([3.0]), offsets), offsets)
@@ -148,7 +148,7 @@ def test_blur_keys_equals_blur_logits(path, causal, keys, monkeypatch):
     key = torch.randn(batch, heads, keys, dim, requires_grad=True)
     valid, attendable = padding_and_causal(batch, keys, keys, causal)
     sigma = torch.tensor([0.5, 1.3, 4.0])
-    offsets = ops.blur_offsets(7, causal, torch.device("cpu"))
+    offsets = ops.blur_offsets(7, causal)
     taps = ops.blur_taps(sigma, offsets)
     scale = dim**-0.5
 
@@ -167,7 +167,7 @@ def test_blur_keys_equals_blur_logits(path, causal, keys, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_blur_keys_low_precision(dtype):
     keys = torch.randn(2, 2, 9, 8)
-    offsets = ops.blur_offsets(5, False, torch.device("cpu"))
+    offsets = ops.blur_offsets(5, False)
     taps = ops.blur_taps(torch.tensor([1.0, 2.0]), offsets)
     got = ops.blur_keys(keys.to(dtype), None, taps, offsets)
     assert got.dtype == dtype and torch.isfinite(got).all()
@@ -200,9 +200,11 @@ def test_attendable_keys_reads_bool_float_and_missing_masks():
     bool_mask = torch.tensor([[[[True, False, True]]]])
     attendable, bias = ops.attendable_keys(bool_mask, 1, 3, False, torch.device("cpu"))
     assert attendable is bool_mask and bias is None
-    float_mask = torch.tensor([[[[0.0, torch.finfo(torch.float32).min, -1.5]]]])
-    attendable, bias = ops.attendable_keys(float_mask, 1, 3, False, torch.device("cpu"))
-    assert attendable.tolist() == [[[[True, False, True]]]] and bias.tolist() == [[[[0.0, 0.0, -1.5]]]]
+    # finfo.min padding, a position bias of -1.5, and Swin's shifted-window mask (-100 plus a small bias).
+    float_mask = torch.tensor([[[[0.0, torch.finfo(torch.float32).min, -1.5, -100.3, 2.0]]]])
+    attendable, bias = ops.attendable_keys(float_mask, 1, 5, False, torch.device("cpu"))
+    assert attendable.tolist() == [[[[True, False, True, False, True]]]]
+    assert bias.tolist() == [[[[0.0, 0.0, -1.5, 0.0, 2.0]]]]
     attendable, _ = ops.attendable_keys(None, 3, 3, True, torch.device("cpu"))
     assert torch.equal(attendable[0, 0], torch.ones(3, 3, dtype=torch.bool).tril())
     assert ops.attendable_keys(None, 1, 3, True, torch.device("cpu")) == (None, None)
@@ -248,7 +250,7 @@ def test_depthwise_key_blur_backward_is_the_transposed_blur(causal):
     """The long-sequence key blur has a hand-written backward: check it against finite differences."""
     keys = torch.randn(2, 2, 9, 3, dtype=torch.float64, requires_grad=True)
     valid = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
-    offsets = ops.blur_offsets(5, causal, torch.device("cpu"))
+    offsets = ops.blur_offsets(5, causal)
     taps = ops.blur_taps(torch.tensor([0.8, 1.7]), offsets).double()
     blur = blur_ops._DepthwiseKeyBlur.apply
-    assert torch.autograd.gradcheck(lambda k: blur(k, valid, taps, tuple(offsets.tolist())), (keys,))
+    assert torch.autograd.gradcheck(lambda k: blur(k, valid, taps, offsets), (keys,))

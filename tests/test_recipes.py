@@ -1,25 +1,28 @@
 """The recipes run offline end to end; their metrics, cards, Hub upload and bad-input errors."""
 
+import io
 import json
 import math
 import os
+import random
 import sys
 
 import numpy as np
 import pytest
 import sacrebleu
+import torch
 import yaml
-from conftest import SHARED_DATA
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from huggingface_hub import HfApi
 from PIL import Image as PILImage
-
-from attentiondrop_hf import metrics
+from testing_common import SHARED_DATA
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 sys.path.insert(0, RECIPES)
 
+import _common  # noqa: E402
 import marian_translation  # noqa: E402
+import metrics  # noqa: E402
 import vit_image_classification  # noqa: E402
 
 CIFAR10 = os.path.join(SHARED_DATA, "cifar10")
@@ -97,6 +100,7 @@ def read_card(output_dir):
     return text, metadata
 
 
+@pytest.mark.slow
 def test_demo_config_learns_and_saves_a_card(tmp_path):
     """The README's main job, as configured: the ViT must visibly learn the digits."""
     config = os.path.join(RECIPES, "configs", "demo_digits.json")
@@ -109,6 +113,7 @@ def test_demo_config_learns_and_saves_a_card(tmp_path):
     assert "This model was trained from scratch on the sklearn_digits dataset." in text
 
 
+@pytest.mark.slow
 def test_vit_recipe_on_cifar10_parquet(tmp_path):
     train, validation = cifar10_files(tmp_path)
     results = vit_image_classification.main(vit_argv(tmp_path / "run", train, validation))
@@ -146,6 +151,7 @@ def test_vit_recipe_encodes_plain_integer_labels_in_numeric_order(tmp_path):
     assert saved["id2label"] == {"0": "2", "1": "7", "2": "10"}
 
 
+@pytest.mark.slow
 def test_marian_recipe_on_multi30k_with_a_trained_tokenizer(tmp_path):
     train, validation, test = multi30k_files(tmp_path)
     argv = ["--train_file", train, "--validation_file", validation, "--test_file", test]
@@ -164,6 +170,7 @@ def test_marian_recipe_on_multi30k_with_a_trained_tokenizer(tmp_path):
     assert "causal self-attention, encoder-decoder cross-attention" in text
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_checkpoint_card_and_flags(tmp_path, monkeypatch):
     """Intercepted at the huggingface_hub boundary: what would be uploaded, without a network."""
     uploads = []
@@ -255,11 +262,216 @@ def test_marian_recipe_bad_input_errors(tmp_path):
     base = ["--model_type", "marian", "--config_overrides", TINY_MARIAN, "--output_dir", str(tmp_path / "run")]
     cases = [
         (["--train_file", str(tmp_path / "none.jsonl")], "--train_file '.*none.jsonl' does not exist"),
-        (["--train_file", str(not_translation)], "no 'translation' column"),
-        (["--train_file", pairs, "--target_lang", "fr"], r"--target_lang 'fr' is not a language of the data"),
+        (["--train_file", str(not_translation)], r"text.jsonl, line 1: expected \{\"translation\""),
+        (["--train_file", pairs, "--target_lang", "fr"], r"line 1: --target_lang 'fr' is not a language of this row"),
         (["--train_file", pairs, "--source_lang", "de"], "--source_lang and --target_lang are both 'de'"),
         (["--train_file", pairs, "--targets", "decoder"], r"`targets` must be roles from"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
             marian_translation.main(base + argv)
+
+
+def test_marian_recipe_names_the_file_row_and_language_of_a_bad_row(tmp_path):
+    base = ["--model_type", "marian", "--config_overrides", TINY_MARIAN, "--output_dir", str(tmp_path / "run")]
+    good = {"translation": {"en": "a dog", "de": "ein hund"}}
+    rows = {
+        "missing": {"translation": {"en": "a cat"}},
+        "null": {"translation": {"en": "a cat", "de": None}},
+        "empty": {"translation": {"en": "   ", "de": "eine katze"}},
+    }
+    messages = {
+        "missing": r"missing.jsonl, line 2: --target_lang 'de' is not a language of this row \(languages: \['en'\]\)",
+        "null": r"null.jsonl, line 2: --target_lang 'de' is null, not a sentence",
+        "empty": r"empty.jsonl, line 2: --source_lang 'en' is \"   \", not a sentence",
+    }
+    for name, row in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=messages[name]):
+            marian_translation.main(base + ["--train_file", str(path)])
+    malformed, empty = tmp_path / "malformed.jsonl", tmp_path / "nothing.jsonl"
+    malformed.write_text(json.dumps(good) + "\n" + '{"translation": {"en": "a"\n')
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"malformed.jsonl, line 2: not valid JSON"):
+        marian_translation.main(base + ["--train_file", str(malformed)])
+    with pytest.raises(ValueError, match=r"nothing.jsonl holds no examples"):
+        marian_translation.main(base + ["--train_file", str(empty)])
+    assert not (tmp_path / "run" / "tokenizer").exists()  # refused before a tokenizer was trained
+
+
+def test_vit_recipe_names_the_file_and_row_of_an_undecodable_image(tmp_path):
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(3):
+        buffer = io.BytesIO()
+        PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    encoded[2] = {"bytes": b"\x89PNG but not really", "path": None}
+    path = str(tmp_path / "corrupt.parquet")
+    features = Features({"img": Image(), "label": Value("int64")})
+    Dataset.from_dict({"img": encoded, "label": [0, 1, 0]}, features=features).to_parquet(path)
+    with pytest.raises(ValueError, match=r"corrupt.parquet: row 2 of column 'img': the image cannot be decoded"):
+        vit_image_classification.main(vit_argv(tmp_path / "run", path, path))
+
+
+def test_config_files_and_flags_are_checked_before_anything_loads(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"output_dir": "x",}')
+    not_object = tmp_path / "list.json"
+    not_object.write_text("[1, 2]")
+    cases = [
+        ([str(tmp_path / "missing.json")], r"config file '.*missing.json' does not exist"),
+        ([str(bad_json)], r"config file '.*bad.json' is not valid JSON"),
+        ([str(not_object)], r"must hold a JSON object of flags, got list"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            vit_image_classification.main(argv)
+    train, validation = cifar10_files(tmp_path)
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--num_train_epoch', '2'\]"):
+        vit_image_classification.main(vit_argv(tmp_path / "run", train, validation, "--num_train_epoch", "2"))
+
+
+CONFIGS = sorted(os.listdir(os.path.join(RECIPES, "configs")))
+
+
+def recipe_of(name):
+    return marian_translation if name.startswith("marian") else vit_image_classification
+
+
+def recipe_argument_types(recipe):
+    if recipe is marian_translation:
+        return (
+            marian_translation.TranslationModelArguments,
+            marian_translation.TranslationDataArguments,
+            marian_translation.AttentionDropSeq2SeqTrainingArguments,
+        )
+    return (
+        vit_image_classification.ImageModelArguments,
+        vit_image_classification.ImageDataArguments,
+        vit_image_classification.AttentionDropTrainingArguments,
+    )
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_shipped_config_parses(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTENTIONDROP_DATA", str(tmp_path))  # data paths need not exist to parse
+    for directory in ("cifar10", "multi30k"):
+        os.makedirs(tmp_path / directory, exist_ok=True)
+        for split in ("train.parquet", "test.parquet", "train.jsonl", "validation.jsonl", "test.jsonl"):
+            (tmp_path / directory / split).touch()
+    recipe = recipe_of(name)
+    argv = [os.path.join(RECIPES, "configs", name), "--use_cpu", "true"]  # bf16 configs are for GPUs
+    parsed = _common.parse_arguments(recipe_argument_types(recipe), argv)
+    settings = parsed[-1]
+    assert settings.variant in ("hard", "blur") and parsed[2].output_dir.startswith("outputs/")
+
+
+LOCAL_CONFIGS = [name for name in CONFIGS if "hub" not in name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LOCAL_CONFIGS)
+def test_every_local_config_runs_a_couple_of_steps(name, tmp_path):
+    data = "multi30k" if name.startswith("marian") else "cifar10"
+    if name != "demo_digits.json" and not os.path.isdir(os.path.join(SHARED_DATA, data)):
+        pytest.skip(f"../shared/data/{data} is not on this machine")
+    argv = [os.path.join(RECIPES, "configs", name), "--output_dir", str(tmp_path), "--max_steps", "2"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]
+    argv += ["--max_train_samples", "64", "--max_eval_samples", "16", "--per_device_train_batch_size", "8"]
+    argv += ["--dataloader_num_workers", "0"]
+    if name.startswith("marian"):
+        argv += ["--max_predict_samples", "8", "--generation_num_beams", "1", "--spm_vocab_size", "300"]
+    results = recipe_of(name).main(argv)
+    assert math.isfinite(results["eval_loss"])
+
+
+@pytest.mark.slow
+def test_rerunning_into_an_output_dir_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    train, validation = cifar10_files(tmp_path)
+    output_dir = tmp_path / "run"
+    common = ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    vit_image_classification.main(vit_argv(output_dir, train, validation, *common, "--max_steps", "2"))
+    assert (output_dir / "checkpoint-2").is_dir()
+    with caplog.at_level("WARNING"):
+        vit_image_classification.main(vit_argv(output_dir, train, validation, *common, "--max_steps", "4"))
+    assert "Resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    state = json.load(open(output_dir / "trainer_state.json"))
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]  # steps 1-2 from the first run
+    caplog.clear()
+    vit_image_classification.main(
+        vit_argv(output_dir, train, validation, *common, "--max_steps", "2", "--start_over", "true")
+    )
+    assert "Resuming from" not in caplog.text
+    state = json.load(open(output_dir / "trainer_state.json"))
+    assert state["global_step"] == 2
+
+
+USER_VARIANT = """
+from dataclasses import dataclass, field
+
+from attentiondrop_hf import AttentionDropVariant, register_variant
+
+
+@dataclass
+class TemperatureOptions:
+    temperature: float = field(default=2.0, metadata={"help": "temperature: divide every logit by this (> 0)."})
+
+
+@register_variant("temperature")
+class Temperature(AttentionDropVariant):
+    options_class = TemperatureOptions
+
+    @staticmethod
+    def perturb_logits(logits, attendable, options, draws, call):
+        return logits / options.temperature, attendable
+"""
+
+
+def test_a_user_variant_brings_its_flag_to_the_recipe_command_line_and_json(tmp_path, monkeypatch):
+    (tmp_path / "my_temperature.py").write_text(USER_VARIANT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train, validation = cifar10_files(tmp_path)
+    argv = ["--variant_modules", "my_temperature", "--variant", "temperature", "--temperature", "3.5"]
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps({"variant_modules": ["my_temperature"], "variant": "temperature", "temperature": 4.5})
+    )
+    for arguments, expected in ((argv, 3.5), ([str(config)], 4.5)):
+        parsed = _common.parse_arguments(
+            recipe_argument_types(vit_image_classification),
+            arguments + ["--train_file", train, "--model_type", "vit", "--output_dir", str(tmp_path / "out")],
+        )
+        assert parsed[-1].variant == "temperature" and parsed[-1].options.temperature == expected
+    vit_image_classification.main(
+        vit_argv(tmp_path / "run", train, validation, *argv[:2], "--variant", "temperature", "--temperature", "3.5")
+    )
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["attentiondrop"]["variant"] == "temperature" and saved["attentiondrop"]["temperature"] == 3.5
+    text, _ = read_card(tmp_path / "run")
+    assert "| `temperature` | `3.5` |" in text and "the user-registered variant `temperature`" in text
+
+
+class _DrawPerItem(torch.utils.data.Dataset):
+    def __init__(self, randomness):
+        self.randomness = randomness
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return self.randomness.generator().random()
+
+
+def test_augmentations_differ_across_data_loading_workers_and_epochs():
+    """A worker must not replay the main process's generator (nor its sibling's, nor last epoch's)."""
+    randomness = vit_image_classification.AugmentationRandomness(seed=0)
+    loader = torch.utils.data.DataLoader(_DrawPerItem(randomness), batch_size=1, num_workers=2)
+    epochs = [[float(x) for x in loader] for _ in range(2)]
+    assert len(set(epochs[0])) == 4 and set(epochs[0]).isdisjoint(epochs[1])
+    main = vit_image_classification.AugmentationRandomness(seed=0)
+    in_process = [float(x) for x in torch.utils.data.DataLoader(_DrawPerItem(main), batch_size=1)]
+    reference = random.Random(0)
+    assert in_process == [reference.random() for _ in range(4)]  # no workers: the training seed's generator
+    assert set(in_process).isdisjoint(epochs[0])

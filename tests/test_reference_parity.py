@@ -1,7 +1,9 @@
 """Whole-model parity with a plain logit-space reference written here, registered as its own attention function.
 
 Deterministic settings make the comparison exact in distribution-free terms: hard masking with p = 1 drops exactly
-each row's top-k attendable logits; blur with sigma_min = sigma_max has one fixed kernel.
+each row's top-k attendable logits; blur with sigma_min = sigma_max has one fixed kernel. A float mask's finite part
+(BEiT's and Swin's relative position bias) is a term of the logits, added before the perturbation; entries at or
+below -50 (padding, Swin's -100 shifted-window mask) mask their key.
 """
 
 import copy
@@ -9,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import image_batch, seq2seq_batch, text_batch, tiny_llama, tiny_marian, tiny_vit
+from testing_common import CASES_BY_ID, build
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -54,8 +56,11 @@ def register_reference(name, perturb, targets):
             causal = torch.ones(rows, keys, dtype=torch.bool).tril()
             allowed = causal if module.is_causal and rows > 1 else torch.ones(rows, keys, dtype=torch.bool)
             allowed = allowed.expand(logits.shape)
-        else:
+        elif attention_mask.dtype == torch.bool:
             allowed = attention_mask.expand(logits.shape)
+        else:  # the model's own eager adds the whole float mask to the logits
+            allowed = (attention_mask > -50).expand(logits.shape)
+            logits = logits + attention_mask.masked_fill(attention_mask <= -50, 0.0)
         role = role_of(module)
         if module.training and role in targets:
             logits, allowed = perturb(logits, allowed, role == "causal")
@@ -76,24 +81,33 @@ PERTURB = {
 }
 # Larger initial weights than the defaults give peaked attention, so a wrong perturbation shows in the logits.
 MODELS = [
-    ("vit", lambda: tiny_vit(initializer_range=0.2), image_batch, ["self"]),
-    ("marian", lambda: tiny_marian(init_std=0.2), seq2seq_batch, ["self", "causal", "cross"]),  # padded sources
-    ("llama", lambda: tiny_llama(initializer_range=0.2), text_batch, ["causal"]),  # grouped KV heads, padding
+    ("vit", {"initializer_range": 0.2}, ["self"]),
+    ("marian", {"init_std": 0.2}, ["self", "causal", "cross"]),  # padded sources
+    ("llama", {"initializer_range": 0.2}, ["causal"]),  # grouped KV heads, padding
+    ("beit", {"initializer_range": 0.2}, ["self"]),  # relative position bias in the float mask
+    ("swin", {"initializer_range": 0.2}, ["self"]),  # ... plus the -100 shifted-window mask
 ]
 
 
 @pytest.mark.parametrize("reference_path", [False, True], ids=["fast", "reference"])
 @pytest.mark.parametrize("perturbation", PERTURB)
-@pytest.mark.parametrize("name, factory, batch, targets", MODELS, ids=[m[0] for m in MODELS])
-def test_model_matches_the_logit_space_reference(name, factory, batch, targets, perturbation, reference_path):
+@pytest.mark.parametrize("name, overrides, targets", MODELS, ids=[m[0] for m in MODELS])
+def test_model_matches_the_logit_space_reference(name, overrides, targets, perturbation, reference_path):
     flags, perturb = PERTURB[perturbation]
     torch.manual_seed(0)
-    model = enable_attentiondrop(factory(), targets=targets, **flags)
+    model = enable_attentiondrop(build(name, **overrides), targets=targets, **flags)
+    if name in ("beit", "swin"):
+        # Learned relative position biases start at zero: give them values. BEiT's CLS token starts at zero too,
+        # which ties every logit of its query row (any top-k is then right): give it values as well.
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "relative_position_bias_table" in param_name or param_name.endswith("cls_token"):
+                    param.normal_(0, 1.0)
     reference = copy.deepcopy(model)
     register_reference("adtest_reference", perturb, targets)
     reference.set_attn_implementation("adtest_reference")
 
-    inputs = batch()
+    inputs = CASES_BY_ID[name].inputs()
     with force_reference_path(reference_path):
         got = model.train()(**inputs).logits
     want = reference.train()(**inputs).logits

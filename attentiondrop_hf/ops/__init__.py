@@ -1,13 +1,14 @@
 """Pure tensor math of AttentionDrop (arXiv 2504.12088): no Transformers import, random draws in `sampling`."""
 
-from .attention import chunked_logit_space_attention, logit_space_attention, repeat_kv
-from .blur import blur_keys, blur_logits, blur_offsets, blur_taps
+from .attention import chunked_logit_space_attention, logit_space_attention, repeat_kv, rows_of
+from .blur import blur_keys, blur_logits, blur_offsets, blur_taps, key_validity
 from .consistency import summed_cross_entropy, summed_kl
 from .hard import apply_hard_drop, hard_drop_pattern
-from .masks import attendable_keys, causal_pattern, key_validity, masked_softmax
+from .masks import MASKED_AT_OR_BELOW, attendable_keys, causal_pattern, masked_softmax
 from .sampling import draw_blur_sigma, draw_slot_uniforms
 
 __all__ = [
+    "MASKED_AT_OR_BELOW",
     "apply_hard_drop",
     "attendable_keys",
     "blur_keys",
@@ -23,6 +24,7 @@ __all__ = [
     "logit_space_attention",
     "masked_softmax",
     "repeat_kv",
+    "rows_of",
     "summed_cross_entropy",
     "summed_kl",
 ]

@@ -1,8 +1,9 @@
 """Attention in logit space with a perturbation hook: the reference every AttentionDrop variant is defined by.
 
-`logit_space_attention` materialises the `[B, H, Q, K]` logits `L = Q Kᵀ · scale (+ position bias)`, lets a
-variant perturb them, applies the mask (additively, after the perturbation), a softmax in float32 that gives
-all-zero weights to rows with nothing to attend to, attention dropout, and the product with the values. With no
+`logit_space_attention` materialises the `[B, H, Q, K]` logits `L = Q Kᵀ · scale (+ position bias, + the finite
+part of a float mask)`, lets a variant perturb them, and then applies a softmax restricted to the attendable keys (in
+float32, all-zero weights for rows with nothing to attend to), attention dropout, and the product with the values.
+Every term the model adds to its logits enters before the perturbation; only attendability acts after it. With no
 perturbation it is a generic eager attention (grouped KV heads, T5 position bias, bool or float masks).
 
 `chunked_logit_space_attention` computes the same thing a block of query rows at a time, each block under
@@ -63,7 +64,8 @@ def logit_space_attention(
         query (`torch.Tensor` of shape `[B, H, Q, D]`).
         key, value (`torch.Tensor` of shape `[B, H_kv, K, D]`): H must be a multiple of H_kv.
         attendable (`torch.Tensor`, *optional*): bool, broadcastable to `[B, H, Q, K]`; `None` = every key.
-        bias (`torch.Tensor`, *optional*): additive mask values, added after the perturbation.
+        bias (`torch.Tensor`, *optional*): the finite part of a float mask (`ops.masks.attendable_keys`), a term of
+            the logits such as BEiT's relative position bias; added before the perturbation.
         scaling (`float`, *optional*): logit scale, `D ** -0.5` by default.
         dropout (`float`): attention-probability dropout (pass 0 in eval, as Transformers does).
         position_bias (`torch.Tensor`, *optional*): a model bias (T5) added to the logits before the perturbation.
@@ -83,10 +85,10 @@ def logit_space_attention(
         logits = softcap * torch.tanh(logits / softcap)
     if position_bias is not None:
         logits = logits + position_bias
-    if perturb is not None:
-        logits, attendable = perturb(logits, attendable, rows)
     if bias is not None:
         logits = logits + bias
+    if perturb is not None:
+        logits, attendable = perturb(logits, attendable, rows)
     probs = masked_softmax(logits, attendable).to(query.dtype)
     if dropout > 0.0:
         probs = F.dropout(probs, p=dropout, training=True)

@@ -12,7 +12,9 @@ Two ways to compute it, equal up to rounding:
 - `blur_logits`: the reference, on materialised `[B, H, Q, K]` logits (any mask).
 - `blur_keys`: the fast path. Since q·(Σ_t g_t k_{j+t}) = Σ_t g_t (q·k_{j+t}), blurring the keys blurs the logits,
   provided the renormalisation is the same for every row (attendability depends on the key alone, plus causality:
-  `ops.masks.key_validity`). Logits are then never materialised and the fused base kernel (SDPA) does the rest.
+  `key_validity`). Logits are then never materialised and the fused base kernel (SDPA) does the rest.
+
+Kernel offsets are Python ints: no device tensor has to be read back to loop over them.
 """
 
 import functools
@@ -20,7 +22,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blur_keys", "blur_logits", "blur_offsets", "blur_taps"]
+from .masks import causal_pattern
+
+__all__ = ["blur_keys", "blur_logits", "blur_offsets", "blur_taps", "key_validity"]
 
 # Below this width, exp(-1 / 2σ²) underflows even in float32 and the kernel is the identity anyway.
 SIGMA_FLOOR = 1e-3
@@ -29,24 +33,25 @@ SIGMA_FLOOR = 1e-3
 BANDED_MATMUL_MAX_KEYS = 512
 
 
-def blur_offsets(width: int, causal: bool, device: torch.device) -> torch.Tensor:
+def blur_offsets(width: int, causal: bool) -> tuple[int, ...]:
     """Key offsets t of the kernel taps: -r … r, or -r … 0 when causal (r = (width - 1) // 2)."""
     radius = (width - 1) // 2
-    return torch.arange(-radius, 1 if causal else radius + 1, device=device)
+    return tuple(range(-radius, 1 if causal else radius + 1))
 
 
-def blur_taps(sigma: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def blur_taps(sigma: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     """Gaussian weights g[t] ∝ exp(-t² / 2σ²) at `offsets`, normalised to sum 1.
 
     Args:
         sigma (`torch.Tensor` of shape `[B]`): one width per example.
-        offsets (`torch.Tensor` of shape `[T]`): from `blur_offsets`.
+        offsets (`tuple[int, ...]` of length T): from `blur_offsets`.
 
     Returns:
-        `torch.Tensor` of shape `[B, T]`, float32.
+        `torch.Tensor` of shape `[B, T]`, float32, on the device of `sigma`.
     """
     sigma = sigma.float().clamp_min(SIGMA_FLOOR)[:, None]
-    taps = torch.exp(-(offsets.float()[None, :] ** 2) / (2 * sigma**2))
+    distance = torch.tensor(offsets, dtype=torch.float32, device=sigma.device)
+    taps = torch.exp(-(distance[None, :] ** 2) / (2 * sigma**2))
     return taps / taps.sum(dim=-1, keepdim=True)
 
 
@@ -65,21 +70,21 @@ def _shift_keys(x: torch.Tensor, offset: int, fill) -> torch.Tensor:
 
 
 def blur_logits(
-    logits: torch.Tensor, attendable: torch.Tensor | None, taps: torch.Tensor, offsets: torch.Tensor
+    logits: torch.Tensor, attendable: torch.Tensor | None, taps: torch.Tensor, offsets: tuple[int, ...]
 ) -> torch.Tensor:
     """Reference: blur every logit row along the key axis, renormalised over the attendable neighbours.
 
     Args:
         logits (`torch.Tensor` of shape `[B, H, Q, K]`), float32.
         attendable (`torch.Tensor`, *optional*): bool, broadcastable to `[B, H, Q, K]`; `None` = every key.
-        taps (`torch.Tensor` of shape `[B, T]`), offsets (`torch.Tensor` of shape `[T]`): the kernel.
+        taps (`torch.Tensor` of shape `[B, T]`), offsets (`tuple[int, ...]` of length T): the kernel.
 
     Returns:
         `torch.Tensor` of shape `[B, H, Q, K]`; entries at non-attendable keys are left unchanged.
     """
     weight = logits.new_ones(1, 1, 1, logits.shape[-1]) if attendable is None else attendable.to(logits.dtype)
     numerator, denominator = 0.0, 0.0
-    for tap, offset in enumerate(offsets.tolist()):
+    for tap, offset in enumerate(offsets):
         neighbour_weight = taps[:, tap].view(-1, 1, 1, 1) * _shift_keys(weight, offset, 0.0)
         numerator = numerator + neighbour_weight * _shift_keys(logits, offset, 0.0)
         denominator = denominator + neighbour_weight
@@ -96,9 +101,9 @@ def _tap_bands(length: int, first_offset: int, taps: int, device: torch.device) 
     return (distance[None] == torch.arange(taps, device=device)[:, None, None]).float()
 
 
-def _banded_blur_matrix(taps: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor | None, length: int):
+def _banded_blur_matrix(taps: torch.Tensor, offsets: tuple[int, ...], valid: torch.Tensor | None, length: int):
     """W[b, j, j'] = g_b[j' - j] · valid[b, j'], rows renormalised to sum 1 (all-zero rows stay zero)."""
-    bands = _tap_bands(length, int(offsets[0]), taps.shape[1], taps.device)
+    bands = _tap_bands(length, offsets[0], taps.shape[1], taps.device)
     weight = torch.einsum("bt,tkj->bkj", taps, bands)  # [B, K, K]
     if valid is not None:
         weight = weight * valid[:, None, :].to(weight.dtype)
@@ -156,7 +161,7 @@ def _channels_first(x: torch.Tensor) -> torch.Tensor:
 
 
 def blur_keys(
-    keys: torch.Tensor, valid: torch.Tensor | None, taps: torch.Tensor, offsets: torch.Tensor
+    keys: torch.Tensor, valid: torch.Tensor | None, taps: torch.Tensor, offsets: tuple[int, ...]
 ) -> torch.Tensor:
     """Fast path: blur the keys along the sequence so that `q · k̃` equals `blur_logits` of `q · k`.
 
@@ -166,8 +171,8 @@ def blur_keys(
     Args:
         keys (`torch.Tensor` of shape `[B, H_kv, K, D]`).
         valid (`torch.Tensor` of shape `[B | 1, K]`, *optional*): bool, the keys every row may attend to
-            (`ops.masks.key_validity`); `None` = all.
-        taps (`torch.Tensor` of shape `[B, T]`), offsets (`torch.Tensor` of shape `[T]`): the kernel.
+            (`key_validity`); `None` = all.
+        taps (`torch.Tensor` of shape `[B, T]`), offsets (`tuple[int, ...]` of length T): the kernel.
 
     Returns:
         `torch.Tensor` of shape `[B, H_kv, K, D]`, dtype of `keys`.
@@ -176,10 +181,33 @@ def blur_keys(
     if valid is not None:
         valid = valid.expand(batch, length)
     if length > BANDED_MATMUL_MAX_KEYS:
-        return _DepthwiseKeyBlur.apply(keys, valid, taps, tuple(offsets.tolist()))
+        return _DepthwiseKeyBlur.apply(keys, valid, taps, offsets)
     weight = _banded_blur_matrix(taps, offsets, valid, length)  # [B, K, K]
     # All heads at once: [B, K, K] @ [B, K, H_kv * D]. Free when the keys are a head split of a projection
     # ([B, K, H_kv, D] in memory), as in most models; the result keeps that layout.
     rows = keys.transpose(1, 2).reshape(batch, length, kv_heads * head_dim)
     blurred = torch.bmm(weight.to(keys.dtype), rows)
     return blurred.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+
+
+def key_validity(attendable: torch.Tensor | None, causal: bool) -> tuple[bool, torch.Tensor | None]:
+    """Whether attendability depends on the key alone (plus causality), and if so which keys are valid.
+
+    This is the condition under which a blur along the key axis can be moved from the logits onto the keys: every
+    row then renormalises over the same neighbours of a key.
+
+    Returns:
+        `(separable, valid)`: `valid` is a bool tensor of shape `[B | 1, K]` (`None` = every key valid). When
+        `separable` is False the mask depends on the query in another way (sliding window, packing, per-head masks).
+    """
+    if attendable is None:
+        return True, None
+    if attendable.shape[1] != 1:
+        return False, None
+    valid = attendable.any(dim=-2, keepdim=True)  # [B, 1, 1, K]
+    expected = (
+        valid & causal_pattern(attendable.shape[-2], attendable.shape[-1], attendable.device) if causal else valid
+    )
+    if not torch.equal(expected.expand_as(attendable), attendable):
+        return False, None
+    return True, valid[:, 0, 0, :]

@@ -1,21 +1,27 @@
 """Which keys each query row may attend to, read off the masks Transformers hands to an attention function.
 
 Transformers passes `None` (no padding; causality then comes from `is_causal`), a boolean mask (True = attend) or
-an additive float mask (0 = attend, a very negative value = masked), shaped `[batch | 1, heads | 1, q_len, k_len]`.
-AttentionDrop needs the boolean "attendable" pattern (top-k is taken among attendable keys, the blur renormalises
-over attendable neighbours) and applies the additive part only after the perturbation.
+an additive float mask, shaped `[batch | 1, heads | 1, q_len, k_len]`. A float mask may carry more than
+attendability: BEiT, Data2VecVision and Swin fold their relative position bias into it, and Swin masks its shifted
+windows with -100 instead of `finfo.min`. AttentionDrop splits a mask into
+
+- `attendable` (bool): top-k candidates are chosen among these keys, the blur renormalises over them, and the
+  softmax gives every other key weight exactly 0;
+- `bias` (float, 0 where not attendable): the finite part of a float mask, a term of the logits. It is added
+  *before* the perturbation, like T5's `position_bias`, so hard masking ranks and zeroes the logits the model
+  actually uses.
 
 Conventions: an `attendable` of `None` means every key of every row; masks broadcast over `[B, H, Q, K]`.
 """
 
 import torch
 
-__all__ = [
-    "attendable_keys",
-    "causal_pattern",
-    "key_validity",
-    "masked_softmax",
-]
+__all__ = ["MASKED_AT_OR_BELOW", "attendable_keys", "causal_pattern", "masked_softmax"]
+
+# A float mask entry at or below this value masks its key. Transformers fills masked keys with `finfo.min`, Swin its
+# shifted-window mask with -100 (plus a small learned bias); a logit lowered by 50 keeps less than e^-50 (2e-22) of
+# its weight, below float32 resolution next to any attendable key, so treating it as masked changes no output.
+MASKED_AT_OR_BELOW = -50.0
 
 
 def causal_pattern(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
@@ -30,7 +36,7 @@ def causal_pattern(query_len: int, key_len: int, device: torch.device) -> torch.
 def attendable_keys(
     attention_mask: torch.Tensor | None, query_len: int, key_len: int, is_causal: bool, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Split a Transformers attention mask into an attendable pattern and an additive bias.
+    """Split a Transformers attention mask into an attendable pattern and a logit bias.
 
     Args:
         attention_mask (`torch.Tensor` of shape `[B | 1, H | 1, Q, K]`, *optional*): bool or additive float mask.
@@ -40,39 +46,15 @@ def attendable_keys(
 
     Returns:
         `attendable` (bool, broadcastable to `[B, H, Q, K]`, or `None` for all keys) and `bias` (the finite values
-        of a float mask, 0 where masked, or `None`): the part of the mask added to the logits after perturbation.
+        of a float mask, 0 where masked, or `None` for a bool mask or no mask).
     """
     if attention_mask is None:
         # SDPA ignores `is_causal` for a single query row (decoding): it sees every cached key.
         return (causal_pattern(query_len, key_len, device) if is_causal and query_len > 1 else None), None
     if attention_mask.dtype == torch.bool:
         return attention_mask, None
-    # Transformers fills masked positions with finfo.min (or -inf); anything below half of it is masked.
-    attendable = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    attendable = attention_mask > MASKED_AT_OR_BELOW
     return attendable, attention_mask.masked_fill(~attendable, 0.0)
-
-
-def key_validity(attendable: torch.Tensor | None, causal: bool) -> tuple[bool, torch.Tensor | None]:
-    """Whether attendability depends on the key alone (plus causality), and if so which keys are valid.
-
-    This is the condition under which a blur along the key axis can be moved from the logits onto the keys: every
-    row then renormalises over the same neighbours of a key.
-
-    Returns:
-        `(separable, valid)`: `valid` is a bool tensor of shape `[B | 1, K]` (`None` = every key valid). When
-        `separable` is False the mask depends on the query in another way (sliding window, packing, per-head masks).
-    """
-    if attendable is None:
-        return True, None
-    if attendable.shape[1] != 1:
-        return False, None
-    valid = attendable.any(dim=-2, keepdim=True)  # [B, 1, 1, K]
-    expected = (
-        valid & causal_pattern(attendable.shape[-2], attendable.shape[-1], attendable.device) if causal else valid
-    )
-    if not torch.equal(expected.expand_as(attendable), attendable):
-        return False, None
-    return True, valid[:, 0, 0, :]
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

@@ -1,26 +1,72 @@
 """Hard Attention Masking: drop each of a row's top-k attendable logits with probability p (math in `ops.hard`).
 
-No key-space fast path: the top-k needs every logit of a row. Long sequences go through the integration's chunked
+No key-space fast path: the top-k needs every logit of a row. Long sequences go through the integration's blocked
 logit path instead, which never holds all N × N logits.
 """
 
-from ..ops import apply_hard_drop, draw_slot_uniforms, hard_drop_pattern
-from ..registry import AttentionDropVariant, register_variant
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..ops.hard import apply_hard_drop, hard_drop_pattern
+from ..ops.sampling import draw_slot_uniforms
+from .base import AttentionDropVariant, is_int, is_number, register_variant
+
+__all__ = ["HardAttentionMasking", "HardOptions"]
+
+_FILLS = {"zero": "replaced by 0 (as in the paper)", "mask": "removed from the softmax"}
+
+
+@dataclass
+class HardOptions:
+    """Options of Hard Attention Masking (arXiv 2504.12088, Sec. 3.1)."""
+
+    p: float = field(
+        default=0.1, metadata={"help": "hard: drop probability of each of a row's top-k logits, in [0, 1]."}
+    )
+    top_k: int = field(
+        default=8, metadata={"help": "hard: candidates per query row (>= 1), clamped to the row's attendable keys."}
+    )
+    hard_fill: Literal["zero", "mask"] = field(
+        default="zero",
+        metadata={"help": "hard: replace a dropped logit by 0 ('zero', the paper) or remove its key ('mask')."},
+    )
+
+    def __post_init__(self):
+        if not is_number(self.p) or not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"`p` must be in [0, 1], got {self.p!r}")
+        if not is_int(self.top_k) or self.top_k < 1:
+            raise ValueError(f"`top_k` must be an integer >= 1, got {self.top_k!r}")
+        if self.hard_fill not in _FILLS:
+            raise ValueError(f"`hard_fill` must be 'zero' or 'mask', got {self.hard_fill!r}")
+        if self.p > 0.5:
+            warnings.warn(
+                f"the paper reports p <= 0.5 working and larger values hurting; got p={self.p}", UserWarning, 3
+            )
 
 
 @register_variant("hard")
 class HardAttentionMasking(AttentionDropVariant):
-    config_fields = ("p", "top_k", "hard_fill")
+    options_class = HardOptions
 
     @staticmethod
-    def is_identity(config):
-        return config.p == 0.0
+    def is_identity(options):
+        return options.p == 0.0
 
     @staticmethod
-    def sample(config, batch, heads, query_len, key_len, device):
-        return {"slot_uniforms": draw_slot_uniforms(batch, heads, query_len, min(config.top_k, key_len), device)}
+    def sample(options, call):
+        batch, heads, query_len, _ = call.query.shape
+        slots = min(options.top_k, call.key.shape[2])
+        return {"slot_uniforms": draw_slot_uniforms(batch, heads, query_len, slots, call.query.device)}
 
     @staticmethod
-    def perturb_logits(logits, attendable, config, draws, causal):
-        dropped = hard_drop_pattern(logits, attendable, config.top_k, config.p, draws["slot_uniforms"])
-        return apply_hard_drop(logits, attendable, dropped, config.hard_fill)
+    def perturb_logits(logits, attendable, options, draws, call):
+        dropped = hard_drop_pattern(logits, attendable, options.top_k, options.p, draws["slot_uniforms"])
+        return apply_hard_drop(logits, attendable, dropped, options.hard_fill)
+
+    @staticmethod
+    def describe(options):
+        return (
+            "**Hard Attention Masking**: each of a query row's `top_k` largest attention logits (among the keys it "
+            f"may attend to) is dropped with probability `p`; a dropped logit is {_FILLS[options.hard_fill]}."
+        )

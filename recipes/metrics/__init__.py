@@ -1,9 +1,9 @@
 """Local `evaluate` modules for the recipes: "calibration" (accuracy, ECE, NLL) and "sacrebleu_chrf" (BLEU, chrF).
 
-The Hub's metric scripts cannot be fetched without a network; these load from the installed package.
+The Hub's metric scripts cannot be fetched without a network; these load from this folder.
 """
 
-from importlib import resources
+import os
 
 __all__ = ["load"]
 
@@ -16,4 +16,4 @@ def load(name: str, **kwargs):
 
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; shipped metrics: {list(METRICS)}")
-    return evaluate.load(str(resources.files(__package__) / name), **kwargs)
+    return evaluate.load(os.path.join(os.path.dirname(__file__), name), **kwargs)

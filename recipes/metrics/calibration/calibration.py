@@ -1,6 +1,7 @@
 """Accuracy, expected calibration error (ECE) and negative log-likelihood of a classifier, as an `evaluate` module.
 
-A local module (the Hub's metric scripts cannot be fetched offline): `attentiondrop_hf.metrics.load("calibration")`.
+A local module (the Hub's metric scripts cannot be fetched offline): `metrics.load("calibration")`, from
+the recipes folder.
 """
 
 import datasets
@@ -24,7 +25,7 @@ Args:
 Returns:
     accuracy (`float`), ece (`float`), nll (`float`, natural log, mean over examples).
 Examples:
-    >>> metric = attentiondrop_hf.metrics.load("calibration")
+    >>> metric = metrics.load("calibration")
     >>> metric.compute(predictions=[[2.0, 0.0], [0.0, 1.0]], references=[0, 0])
 """
 

@@ -2,10 +2,10 @@
 
 `attentiondrop_attention_forward` has the signature and return contract of `sdpa_attention_forward`
 (`[B, H, S, D]` in, `([B, Q, H, D] contiguous, weights or None)` out). Its first decision is the identity exit: in
-eval, for a variant whose flags change nothing, or for a role/layer not targeted, it calls the base implementation
-(`base_attn_implementation`, SDPA by default) with the very same arguments, so eval equals the base bit for bit.
-Otherwise the variant's fast path runs where it applies, else the logit-space reference (in checkpointed blocks of
-query rows for long sequences).
+eval, for a variant whose options change nothing, or for a role/layer not targeted, it calls the base
+implementation (`base_attn_implementation`, SDPA by default) with the very same arguments, so eval equals the base
+bit for bit. Otherwise the variant's fast path runs where it applies, else its logit-space reference (in
+checkpointed blocks of query rows for long sequences).
 
 `attentiondrop_mask` is registered under the same name with the `AttentionMaskInterface`: without it Transformers
 builds no mask at all for an unknown implementation. It builds the base implementation's mask.
@@ -21,24 +21,27 @@ from transformers import AttentionInterface, PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .config import AttentionDropConfig
-from .ops import attendable_keys, chunked_logit_space_attention, logit_space_attention
-from .ops.attention import rows_of
-from .registry import PerturbedCall, get_variant
-from .sites import attention_site
+from ..config import AttentionDropConfig
+from ..ops import attendable_keys, chunked_logit_space_attention, logit_space_attention, rows_of
+from ..variants import PerturbedCall, get_variant
+from .flags import base_implementation_of, install_config_attribute, settings_of
+from .sites import attention_role, config_roles, decoder_only_stack, site_of
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "attentiondrop_attention_forward",
     "attentiondrop_mask",
     "force_reference_path",
-    "settings_for",
+    "generic_eager_attention",
+    "register",
 ]
 
 ATTN_IMPLEMENTATION = "attentiondrop"
 # From this many keys on, logit-space paths run in checkpointed blocks of query rows, each block's logits half the
 # size of the queries: memory O(N·D) like SDPA's instead of O(N²). Shorter sequences keep the one-block path, faster.
 BLOCKED_LOGITS_MIN_KEYS = 1024
+# Attention sinks enter the softmax as an extra logit per head; models pass them under one of these names.
+SINK_ARGUMENTS = ("s_aux", "sinks")
 
 _force_reference = os.environ.get("ATTENTIONDROP_REFERENCE", "0") == "1"
 
@@ -55,51 +58,6 @@ def force_reference_path(enabled: bool = True):
         yield
     finally:
         _force_reference = previous
-
-
-def _num_layers(config: PreTrainedConfig) -> int | None:
-    depths = [getattr(config, name, None) for name in ("num_hidden_layers", "encoder_layers", "decoder_layers")]
-    depths = [d for d in depths if isinstance(d, int)]
-    return max(depths) if depths else None
-
-
-def _freeze(value):
-    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-@functools.lru_cache(maxsize=128)
-def _parse_flags(frozen_flags: tuple, num_layers: int | None) -> AttentionDropConfig:
-    settings = AttentionDropConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in frozen_flags})
-    if num_layers is not None:
-        settings.check_layers(num_layers)
-    return settings
-
-
-def settings_for(config: PreTrainedConfig) -> AttentionDropConfig:
-    """The validated flags of a model config (`config.attentiondrop`; defaults when unset). Cached on content, so
-    editing the dict in place takes effect on the next call."""
-    flags = getattr(config, "attentiondrop", None) or {}
-    return _parse_flags(tuple(sorted((k, _freeze(v)) for k, v in flags.items())), _num_layers(config))
-
-
-class _AttentionDropFlags:
-    """`PreTrainedConfig.attentiondrop`: `None` until set; setting a dict validates it and stores every flag.
-
-    Being a class attribute makes `from_pretrained(..., attentiondrop={...})` route the kwarg to the config (not
-    to the model's `__init__`); configs that never set it serialise nothing new.
-    """
-
-    def __get__(self, config, owner=None):
-        return None if config is None else config.__dict__.get("attentiondrop")
-
-    def __set__(self, config, flags):
-        if flags is None:
-            config.__dict__.pop("attentiondrop", None)
-        else:
-            config.__dict__["attentiondrop"] = AttentionDropConfig.from_dict(flags).to_dict()
-
-    def __delete__(self, config):
-        config.__dict__.pop("attentiondrop", None)
 
 
 @functools.cache
@@ -142,54 +100,89 @@ def attentiondrop_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """AttentionInterface entry point: perturb in training, otherwise exactly the base implementation."""
-    settings = settings_for(module.config)
-    base = _base_attention(settings.base_attn_implementation, module)
+    base = _base_attention(base_implementation_of(module.config), module)
+    if not module.training:
+        return base(module, query, key, value, attention_mask, **kwargs)
+    settings = settings_of(module.config)
     variant = get_variant(settings.variant)
-    if not module.training or variant.is_identity(settings):
+    role = None if variant.is_identity(settings.options) else _targeted_role(module, settings)
+    if role is None:
         return base(module, query, key, value, attention_mask, **kwargs)
-    role, layer = attention_site(module, need_layer=settings.layers is not None)
-    if not settings.perturbs(role, layer):
-        return base(module, query, key, value, attention_mask, **kwargs)
-    if kwargs.get("s_aux") is not None:
+    if sinks := [name for name in SINK_ARGUMENTS if kwargs.get(name) is not None]:
         raise NotImplementedError(
-            f"AttentionDrop cannot perturb attention with sinks (`s_aux`, {type(module).__name__}); "
+            f"AttentionDrop cannot perturb attention with sinks (`{sinks[0]}`, {type(module).__name__}); "
             "leave this role out of `targets`"
         )
-    return _perturbed_attention(module, query, key, value, attention_mask, settings, variant, role, base, kwargs)
+    causal = role == "causal"
+    return _perturbed_attention(module, query, key, value, attention_mask, settings, variant, causal, base, kwargs)
 
 
-def _perturbed_attention(module, query, key, value, attention_mask, settings, variant, role, base, kwargs):
+def _targeted_role(module: torch.nn.Module, settings: AttentionDropConfig) -> str | None:
+    """The role of a training call that is perturbed, `None` for one that is not. Raises where the flags cannot
+    be honoured, instead of leaving the call unperturbed."""
+    site = site_of(module)
+    role = site.role if site is not None else attention_role(module)
+    targeted = settings.targets_role(role, decoder_only_stack(module.config))
+    if settings.layers is not None:
+        if site is None:
+            raise ValueError(
+                f"AttentionDrop `layers` is set, but the layers of {type(module).__name__} were never resolved: "
+                "call attentiondrop_hf.enable_attentiondrop(model) on the loaded model (AttentionDropTrainer does "
+                "this for you)"
+            )
+        targeted = targeted and site.layer in settings.layers
+    elif not targeted and site is None:
+        flags = module.config.__dict__.get("attentiondrop")
+        if flags is None or not flags.in_composite:
+            _check_config_has_targets(module, settings, role)
+    return role if targeted else None
+
+
+def _check_config_has_targets(module: torch.nn.Module, settings: AttentionDropConfig, role: str) -> None:
+    """A model loaded with the flags and trained without the switch or the trainer: raise at its first training
+    forward when no attention of this config can ever be perturbed (a silent no-op otherwise)."""
+    roles = config_roles(module.config, role)
+    decoder_only = decoder_only_stack(module.config)
+    if not any(settings.targets_role(r, decoder_only) for r in roles):
+        raise ValueError(
+            f"AttentionDrop targets {settings.targets} match no attention of this model "
+            f"({module.config.model_type}: {sorted(roles)}); nothing would be regularized"
+        )
+
+
+def _perturbed_attention(module, query, key, value, attention_mask, settings, variant, causal, base, kwargs):
     """The training-time path: the variant's fast path where it applies, else its logit-space reference."""
-    batch, heads, query_len, _ = query.shape
-    key_len = key.shape[2]
+    query_len, key_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     attendable, bias = attendable_keys(attention_mask, query_len, key_len, is_causal, query.device)
-    draws = variant.sample(settings, batch, heads, query_len, key_len, query.device)
-    causal = role == "causal"
     position_bias, softcap = kwargs.get("position_bias"), kwargs.get("softcap")
+    # A float mask's finite part (BEiT's, Swin's relative position bias) is a logit term: fast paths that move the
+    # perturbation off the logits do not apply. Plain padding masks have an all-zero finite part.
+    has_mask_bias = bias is not None and bool(bias.any())
+    call = PerturbedCall(
+        query=query,
+        key=key,
+        value=value,
+        attendable=attendable,
+        causal=causal,
+        config=module.config,
+        has_logit_terms=position_bias is not None or softcap is not None or has_mask_bias,
+        run_base=lambda q, k, v: base(module, q, k, v, attention_mask, **kwargs),
+    )
+    call.draws = variant.sample(settings.options, call)
     output_attentions = bool(kwargs.get("output_attentions", False))
 
     if variant.attend_fast is not None and not _force_reference and not output_attentions:
-        call = PerturbedCall(
-            query=query,
-            key=key,
-            value=value,
-            attendable=attendable,
-            causal=causal,
-            draws=draws,
-            has_logit_terms=position_bias is not None or softcap is not None,
-            run_base=lambda q, k, v: base(module, q, k, v, attention_mask, **kwargs),
-        )
-        if (result := variant.attend_fast(call, settings)) is not None:
+        if (result := variant.attend_fast(call, settings.options)) is not None:
             return result
 
     def perturb(logits, attendable, rows):
-        row_draws = {name: rows_of(d, rows) if d.dim() == 4 else d for name, d in draws.items()}
-        return variant.perturb_logits(logits, attendable, settings, row_draws, causal)
+        row_draws = {name: rows_of(d, rows) if d.dim() == 4 else d for name, d in call.draws.items()}
+        return variant.perturb_logits(logits, attendable, settings.options, row_draws, call)
 
     attention_kwargs = {
-        "bias": bias,
+        "bias": bias if has_mask_bias else None,
         "scaling": kwargs.get("scaling"),
         "dropout": kwargs.get("dropout", 0.0),
         "position_bias": position_bias,
@@ -206,7 +199,7 @@ def attentiondrop_mask(*args, **kwargs):
     """AttentionMaskInterface entry point: the mask the base implementation would get (SDPA's bool mask or None,
     eager's additive float mask)."""
     config = kwargs.get("config")
-    base = settings_for(config).base_attn_implementation if config is not None else "sdpa"
+    base = base_implementation_of(config) if isinstance(config, PreTrainedConfig) else "sdpa"
     return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
 
@@ -214,5 +207,4 @@ def register() -> None:
     """Register `"attentiondrop"` with both interfaces and make `attentiondrop` a config attribute (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, attentiondrop_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, attentiondrop_mask)
-    if not isinstance(PreTrainedConfig.__dict__.get("attentiondrop"), _AttentionDropFlags):
-        PreTrainedConfig.attentiondrop = _AttentionDropFlags()
+    install_config_attribute()

@@ -1,6 +1,7 @@
 """Corpus BLEU and chrF from the `sacrebleu` package, as an `evaluate` module.
 
-A local module (the Hub's metric scripts cannot be fetched offline): `attentiondrop_hf.metrics.load("sacrebleu_chrf")`.
+A local module (the Hub's metric scripts cannot be fetched offline): `metrics.load("sacrebleu_chrf")`, from
+the recipes folder.
 """
 
 import datasets
@@ -19,7 +20,7 @@ Args:
 Returns:
     bleu (`float`), chrf (`float`): scores in [0, 100]; bleu_signature, chrf_signature (`str`).
 Examples:
-    >>> metric = attentiondrop_hf.metrics.load("sacrebleu_chrf")
+    >>> metric = metrics.load("sacrebleu_chrf")
     >>> metric.compute(predictions=["ein Hund läuft"], references=[["ein Hund rennt"]])
 """
 

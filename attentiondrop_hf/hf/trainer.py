@@ -1,0 +1,356 @@
+"""Consistency-Regularized AttentionDrop (arXiv 2504.12088, Sec. 3.3) for any `Trainer`.
+
+`ConsistencyMixin` overrides `compute_loss`: with `consistency_weight` (lambda) > 0, each training step runs ONE
+forward of the batch concatenated with itself (DDP, FSDP and DeepSpeed see one forward and one backward), so the two
+halves are perturbed independently by AttentionDrop and dropout, and minimises the mean of the halves' task losses
+plus lambda times the KL between their predictions. With AttentionDrop off and dropout on it is R-Drop (Liang et
+al., 2021) with alpha = 2 lambda, up to an overall factor 1/2 (R-Drop sums the two cross-entropies).
+
+- At lambda = 0, and in evaluation and prediction, it *is* the parent trainer: `compute_loss` is the parent's.
+- At lambda > 0 the task loss is computed from the logits: the model's own cross-entropy (shifted for causal
+  language models, `-100` left out, `label_smoothing_factor` honoured) plus its auxiliary losses (a router's
+  `aux_loss` times `router_aux_loss_coef`), normalised by the label items of the whole accumulated and distributed
+  batch, so gradient accumulation gives the step of one large batch. On its first step the trainer checks this loss
+  against the model's own loss on the same batch and refuses to train on a mismatch: the model's loss is the
+  reference that cannot drift.
+- Class and token targets only: a regression or multi-label head, or logits that are not `labels.shape + (C,)`
+  (semantic segmentation), have no KL between predicted class distributions here and raise at lambda > 0.
+
+Use `AttentionDropTrainer` / `AttentionDropSeq2SeqTrainer`, or mix `ConsistencyMixin` into another trainer
+(`class MyTrainer(ConsistencyMixin, SFTTrainer)`) and pass `consistency_weight=` to it.
+"""
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+from transformers.trainer_pt_utils import nested_gather
+from transformers.utils import logging
+
+from ..ops import summed_cross_entropy, summed_kl
+from ..variants import get_variant
+from ._compat import reload_weights_through_from_pretrained
+from .flags import settings_of
+from .model_card import write_model_card
+from .sites import attention_modules
+from .switch import base_model_of, check_attentiondrop
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "AttentionDropSeq2SeqTrainer",
+    "AttentionDropSeq2SeqTrainingArguments",
+    "AttentionDropTrainer",
+    "AttentionDropTrainingArguments",
+    "ConsistencyArguments",
+    "ConsistencyMixin",
+]
+
+IGNORE_INDEX = -100
+KL_DIRECTIONS = ("forward", "symmetric")
+# Relative tolerance of the first-step check against the model's own loss: the same logits, two implementations of
+# a mean cross-entropy (float32 sums over up to millions of items differ in the 6th digit).
+MODEL_LOSS_RTOL = 1e-3
+
+
+def _check_consistency(weight, direction) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"`consistency_weight` must be a finite number >= 0, got {weight!r}")
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"`consistency_kl` must be 'forward' or 'symmetric', got {direction!r}")
+
+
+@dataclass
+class ConsistencyArguments:
+    """The consistency term's arguments; mix into any `TrainingArguments` subclass."""
+
+    consistency_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight lambda of the KL between two perturbed passes (>= 0). 0 = a single ordinary pass; > 0 "
+            "costs about two forward/backward passes of compute and activation memory per step."
+        },
+    )
+    consistency_kl: Literal["forward", "symmetric"] = field(
+        default="forward",
+        metadata={"help": "'forward' = KL(p1 || p2), the paper; 'symmetric' = R-Drop's mean of both directions."},
+    )
+
+    def __post_init__(self):
+        _check_consistency(self.consistency_weight, self.consistency_kl)
+        super().__post_init__()
+
+
+@dataclass
+class AttentionDropTrainingArguments(ConsistencyArguments, TrainingArguments):
+    """`TrainingArguments` plus `consistency_weight` and `consistency_kl`."""
+
+
+@dataclass
+class AttentionDropSeq2SeqTrainingArguments(ConsistencyArguments, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` plus `consistency_weight` and `consistency_kl`."""
+
+
+def shifts_labels(model) -> bool:
+    """Whether the model's own loss predicts label t + 1 at position t (causal and image-text-to-text language
+    models), decided from its class, whatever its name (GPT2LMHeadModel, BertLMHeadModel, Gemma 3 VLMs, ...)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    return (
+        name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        or name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()
+    )
+
+
+def decoder_input_ids_from_labels(model, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs an encoder-decoder model builds from `labels` itself: its
+    `prepare_decoder_input_ids_from_labels`, else the `shift_tokens_right` its forward calls (Whisper, M2M100/NLLB,
+    Speech2Text, Blenderbot, ...)."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+    shift = getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
+    config = model.config
+    if shift is None or config.decoder_start_token_id is None:
+        raise ValueError(
+            f"cannot build decoder_input_ids from labels for {type(model).__name__}; put `decoder_input_ids` in the "
+            "batch (DataCollatorForSeq2Seq(tokenizer, model=model) does)"
+        )
+    return shift(labels, config.pad_token_id, config.decoder_start_token_id)
+
+
+class ConsistencyMixin:
+    """`compute_loss` with the doubled pass, and the logging of its two terms. Put it before the trainer class:
+    `class MyTrainer(ConsistencyMixin, Trainer)`.
+
+    Args:
+        consistency_weight (`float`, *optional*), consistency_kl (`str`, *optional*): the consistency arguments,
+            for trainers whose arguments class is not `ConsistencyArguments` (e.g. TRL's configs).
+    """
+
+    def __init__(self, *args, consistency_weight: float | None = None, consistency_kl: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.args, ConsistencyArguments):
+            if consistency_weight is not None or consistency_kl is not None:
+                raise ValueError("consistency_weight / consistency_kl are set in the training arguments already")
+            consistency_weight, consistency_kl = self.args.consistency_weight, self.args.consistency_kl
+        elif consistency_weight is None:
+            raise TypeError(
+                f"{type(self).__name__} needs AttentionDropTrainingArguments / AttentionDropSeq2SeqTrainingArguments "
+                f"(got {type(self.args).__name__}), or consistency_weight=... passed to the trainer"
+            )
+        consistency_kl = consistency_kl or "forward"
+        _check_consistency(consistency_weight, consistency_kl)
+        self.consistency_weight, self.consistency_kl = float(consistency_weight), consistency_kl
+
+        model = base_model_of(self.accelerator.unwrap_model(self.model))
+        self._attentiondrop_on = check_attentiondrop(model)  # never a silent no-op: raises on useless flags
+        forward = inspect.signature(model.forward).parameters
+        self._forward_kwargs = {"use_cache": False} if "use_cache" in forward else {}
+        self._shifts_labels = shifts_labels(model)
+        self._checked_against_model_loss = False
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._log_window = 1
+        if self.consistency_weight > 0:
+            self._warn_about_the_copies(model)
+
+    def _warn_about_the_copies(self, model) -> None:
+        if not self._attentiondrop_on:
+            logger.warning(
+                "consistency_weight > 0 but AttentionDrop is not enabled on the model: the two passes differ only "
+                "through dropout (R-Drop)."
+            )
+            return
+        caveats = set()
+        for module in attention_modules(model).values():
+            settings = settings_of(module.config)
+            caveats.add(get_variant(settings.variant).consistency_caveat(settings.options))
+        for caveat in sorted(c for c in caveats if c):
+            logger.warning(caveat)
+
+    # ---- the loss ------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or self.consistency_weight == 0:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        labels = inputs.get("labels")
+        if labels is None or not torch.is_tensor(labels) or labels.is_floating_point():
+            raise ValueError(
+                "consistency_weight > 0 needs integer class or token labels under `labels`; regression and "
+                "multi-label targets have no KL between predicted class distributions here"
+            )
+        unwrapped = base_model_of(self.accelerator.unwrap_model(model))
+        prepared = self._model_inputs(unwrapped, inputs, labels)
+        if not self._checked_against_model_loss:
+            self._check_against_model_loss(model, inputs, prepared, labels)
+            self._checked_against_model_loss = True
+
+        batch = labels.shape[0]
+        doubled = {k: torch.cat([v, v]) if _is_batched(v, batch) else v for k, v in prepared.items()}
+        outputs = model(**doubled, **self._forward_kwargs)
+        logits, target = self._aligned(_logits_of(outputs), labels)
+        if num_items_in_batch is None:
+            items = target.ne(IGNORE_INDEX).sum()
+        else:
+            items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        first, second = logits.split(batch)
+        smoothing = self.args.label_smoothing_factor
+        task = (summed_cross_entropy(first, target, smoothing) + summed_cross_entropy(second, target, smoothing)) / 2
+        terms = {
+            "task_loss": task / items + _auxiliary_loss(outputs, unwrapped.config),
+            "consistency_loss": summed_kl(first, second, target, self.consistency_kl) / items,
+        }
+        loss = terms["task_loss"] + self.consistency_weight * terms["consistency_loss"]
+
+        # Normalised over the accumulated batch when it was counted; else a per-batch mean the Trainer divides.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        scale = self._process_scale() if self.loss_is_scaled_for_ga else 1
+        log_scale = (
+            scale if self.loss_is_scaled_for_ga else 1 / getattr(self, "current_gradient_accumulation_steps", 1)
+        )
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach() * log_scale
+        loss = loss * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def _model_inputs(self, model, inputs, labels) -> dict:
+        """The batch as the model's forward takes it without labels (seq2seq: with the decoder inputs it builds)."""
+        prepared = {k: v for k, v in inputs.items() if k != "labels"}
+        wants_decoder_inputs = getattr(model.config, "is_encoder_decoder", False)
+        if wants_decoder_inputs and "decoder_input_ids" not in prepared and "decoder_inputs_embeds" not in prepared:
+            prepared["decoder_input_ids"] = decoder_input_ids_from_labels(model, labels)
+        return prepared
+
+    def _aligned(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets item by item: shifted for a causal LM; refused where the KL does not apply."""
+        if self._shifts_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        if logits.dim() != labels.dim() + 1 or logits.shape[1:-1] != labels.shape[1:] or logits.shape[-1] < 2:
+            raise ValueError(
+                f"consistency_weight > 0 needs logits of shape labels.shape + (num_classes,) with num_classes >= 2; "
+                f"got logits {tuple(logits.shape)} for labels {tuple(labels.shape)} (regression, multi-label and "
+                "dense heads such as semantic segmentation are not supported with consistency_weight > 0)"
+            )
+        return logits, labels
+
+    def _check_against_model_loss(self, model, inputs, prepared, labels) -> None:
+        """First step only: the loss this trainer computes (with lambda's term left out and no label smoothing)
+        must equal the model's own loss on the same batch, in eval mode (no perturbation, no dropout)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                reference = model(**inputs, **self._forward_kwargs)
+                outputs = model(**prepared, **self._forward_kwargs)
+        finally:
+            model.train(was_training)
+        own = reference.get("loss") if isinstance(reference, dict) else reference[0]
+        if own is None:
+            raise ValueError(
+                f"consistency_weight > 0 needs a model that computes its own loss from `labels`; "
+                f"{type(base_model_of(self.accelerator.unwrap_model(model))).__name__} returned none"
+            )
+        logits, target = self._aligned(_logits_of(outputs), labels)
+        config = base_model_of(self.accelerator.unwrap_model(model)).config
+        ours = summed_cross_entropy(logits, target) / target.ne(IGNORE_INDEX).sum() + _auxiliary_loss(outputs, config)
+        own = own.float().mean()
+        if not torch.isclose(ours, own, rtol=MODEL_LOSS_RTOL, atol=1e-5):
+            raise ValueError(
+                f"the consistency trainer's loss ({ours.item():.6f}) differs from the model's own loss "
+                f"({own.item():.6f}) on the same batch: the model computes its loss in a way this trainer does not "
+                "reproduce (label shift, extra terms), so consistency_weight > 0 would train another objective. "
+                "Train it with consistency_weight=0."
+            )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches; at lambda > 0, counted on the labels this trainer's loss uses (shifted for causal
+        language models, whatever their class name)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.consistency_weight == 0 or not batch_samples or "labels" not in batch_samples[0]:
+            return batch_samples, num_items_in_batch
+        labels = [b["labels"][..., 1:] if self._shifts_labels else b["labels"] for b in batch_samples]
+        if not all(torch.is_tensor(t) for t in labels):
+            return batch_samples, None
+        count = sum(t.ne(IGNORE_INDEX).sum() for t in labels).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    def _process_scale(self) -> int:
+        """Each process normalises by the items of all processes and DDP averages their gradients: multiply back
+        by their number. DataParallel (`n_gpu > 1`) gathers the outputs and this loss is computed once: no scale."""
+        if self.args.n_gpu > 1 or not (self.args.average_tokens_across_devices and self.args.world_size > 1):
+            return 1
+        return self.accelerator.num_processes
+
+    # ---- logging, cards, checkpoints -------------------------------------------------------------------------------
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # The Trainer averages `loss` over the optimizer steps since the last log; remember that window.
+        self._log_window = max(self.state.global_step - self._globalstep_last_logged, 1)
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._term_sums:
+            for name, total in self._term_sums.items():
+                total = torch.as_tensor(total, device=self.args.device)
+                value = nested_gather(total, self.args.parallel_mode).mean().item() / self._log_window
+                # A KL is >= 0; float32 rounding of two equal distributions can leave -1e-9.
+                logs[name] = max(value, 0.0) if name == "consistency_loss" else value
+            self._term_sums = {}
+        super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's card (also written by `push_to_hub`), with an AttentionDrop section and tags."""
+        model = base_model_of(self.accelerator.unwrap_model(self.model))
+        flags = getattr(model.config, "attentiondrop", None)
+        if flags is None and self.consistency_weight == 0:
+            return super().create_model_card(*args, **kwargs)
+        write_model_card(self, super().create_model_card, flags, args, kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if not reload_weights_through_from_pretrained(model, resume_from_checkpoint, sharded):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if not reload_weights_through_from_pretrained(self.model, self.state.best_model_checkpoint, sharded):
+            super()._load_best_model()
+
+
+def _logits_of(outputs) -> torch.Tensor:
+    # Without labels, a tuple output (return_dict=False) starts with the logits.
+    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+
+def _auxiliary_loss(outputs, config) -> torch.Tensor | float:
+    """The auxiliary terms a model adds to its own loss: a mixture-of-experts router's load-balancing loss."""
+    aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+    coefficient = getattr(config, "router_aux_loss_coef", None)
+    if aux is None or not coefficient:
+        return 0.0
+    return coefficient * aux.float().mean()  # mean: DataParallel gathers one per device
+
+
+def _is_batched(value, batch: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
+
+
+class AttentionDropTrainer(ConsistencyMixin, Trainer):
+    """`Trainer` with Consistency-Regularized AttentionDrop; pass `AttentionDropTrainingArguments`."""
+
+
+class AttentionDropSeq2SeqTrainer(ConsistencyMixin, Seq2SeqTrainer):
+    """`Seq2SeqTrainer` with Consistency-Regularized AttentionDrop; pass `AttentionDropSeq2SeqTrainingArguments`."""

@@ -1,0 +1,228 @@
+"""What an AttentionDrop variant is, and the one validated registry of variants.
+
+A variant perturbs a block of attention logits given which keys each row may attend to. It is a class of static
+functions (no state) plus the dataclass of its own options, registered under a lower-case name with
+`@register_variant("name")`; the built-in "hard" and "blur" register exactly as a user's variant does, and
+`config.attentiondrop["variant"]` selects one by name. A variant owns everything about itself: its options (their
+help text, validation and paper-regime warnings live in the options dataclass), its random draws, the logit-space
+reference that defines it, an optional fast path that must equal it, the sentence a model card prints about it, and
+any caveat for the consistency trainer.
+
+    @dataclass
+    class TemperatureOptions:
+        temperature: float = field(default=2.0, metadata={"help": "Divide every logit by this (> 0)."})
+
+        def __post_init__(self):
+            if not is_number(self.temperature) or self.temperature <= 0:
+                raise ValueError(f"`temperature` must be a number > 0, got {self.temperature!r}")
+
+    @register_variant("temperature")
+    class Temperature(AttentionDropVariant):
+        options_class = TemperatureOptions
+
+        @staticmethod
+        def perturb_logits(logits, attendable, options, draws, call):
+            return logits / options.temperature, attendable
+
+Option names share one namespace with the common flags (`config.attentiondrop` is a flat dict), so the registry
+refuses an option name that another variant or the common flags already use.
+"""
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "AttentionDropVariant",
+    "NoOptions",
+    "PerturbedCall",
+    "UnknownVariantError",
+    "get_variant",
+    "is_int",
+    "is_number",
+    "register_variant",
+    "registered_variants",
+    "reserve_option_names",
+]
+
+_VARIANTS: dict[str, type["AttentionDropVariant"]] = {}
+_RESERVED_NAMES: set[str] = set()
+_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class UnknownVariantError(ValueError):
+    """`variant` names nothing registered in this process (a checkpoint trained with a user's variant, loaded
+    without importing the module that registers it)."""
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): the check every numeric option starts with."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class NoOptions:
+    """The options of a variant that has none."""
+
+
+@dataclass
+class PerturbedCall:
+    """One attention call AttentionDrop perturbs, as a variant sees it.
+
+    Attributes:
+        query (`torch.Tensor` of shape `[B, H, Q, D]`); key, value (`[B, H_kv, K, D]`).
+        attendable (`torch.Tensor`, *optional*): bool, broadcastable to `[B, H, Q, K]`; `None` = every key.
+        causal (`bool`): causal self-attention (the 1-D blur is then one-sided).
+        config (`PretrainedConfig`): the config of the attention module (its model type, sizes).
+        has_logit_terms (`bool`): a position bias, a float-mask bias or a softcap enters the logits, so key-space
+            tricks do not apply.
+        run_base (`Callable`): `run_base(query, key, value)` runs the base implementation (SDPA) with the call's
+            original mask and arguments and returns `(output [B, Q, H, D], weights or None)`.
+        draws (`dict[str, torch.Tensor]`): this call's random draws, filled in by `AttentionDropVariant.sample`.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attendable: torch.Tensor | None
+    causal: bool
+    config: Any
+    has_logit_terms: bool
+    run_base: Callable
+    draws: dict = dataclasses.field(default_factory=dict)
+
+
+class AttentionDropVariant:
+    """Base class of a variant: a logit-space definition plus optional extras.
+
+    Set:
+        options_class: a dataclass of the variant's own flags (every field with `metadata={"help": ...}`); its
+            `__post_init__` validates them (raise `ValueError` naming the flag) and warns outside the paper's regime.
+
+    Override:
+        perturb_logits (required): the reference that defines the variant.
+        sample: the call's random draws, from the global torch RNG (activation checkpointing then replays them).
+            A draw with 4 dims is laid out `[B | 1, H | 1, Q | 1, ...]` and is sliced by query rows when the logits
+            are computed in blocks.
+        attend_fast: an optional fast path that must equal `perturb_logits` up to rounding; return `None` where it
+            does not apply and the reference runs instead.
+        is_identity: True for options under which the variant changes nothing (the call then goes to the base).
+        validate: checks that involve the common flags (e.g. which attention roles the variant can act on).
+        describe: the Markdown sentence a model card prints about the variant and its options.
+        consistency_caveat: a warning for the consistency trainer, or `None`.
+    """
+
+    name: ClassVar[str] = ""
+    options_class: ClassVar[type] = NoOptions
+    attend_fast: ClassVar[Callable[[PerturbedCall, Any], tuple | None] | None] = None
+
+    @staticmethod
+    def is_identity(options) -> bool:
+        return False
+
+    @staticmethod
+    def validate(config) -> None:
+        return None
+
+    @staticmethod
+    def sample(options, call: PerturbedCall) -> dict[str, torch.Tensor]:
+        return {}
+
+    @staticmethod
+    def perturb_logits(
+        logits: torch.Tensor,
+        attendable: torch.Tensor | None,
+        options,
+        draws: dict[str, torch.Tensor],
+        call: PerturbedCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Perturb float32 logits `[B, H, q, K]`; return `(logits, attendable)` (a variant may remove keys)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, options) -> str:
+        return f"the user-registered variant `{cls.name}`."
+
+    @staticmethod
+    def consistency_caveat(options) -> str | None:
+        return None
+
+
+def _option_fields(cls: type) -> list[dataclasses.Field]:
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"options_class must be a dataclass, got {cls!r}")
+    return list(dataclasses.fields(cls))
+
+
+def _options_owned_by_others(name: str) -> dict[str, str]:
+    return {
+        f.name: other
+        for other, variant in _VARIANTS.items()
+        if other != name
+        for f in _option_fields(variant.options_class)
+    }
+
+
+def register_variant(name: str, *, override: bool = False) -> Callable[[type], type]:
+    """Class decorator registering an `AttentionDropVariant` subclass under `name`.
+
+    Args:
+        name (`str`): lower-case identifier (`[a-z][a-z0-9_]*`), the value of the `variant` flag.
+        override (`bool`): replace a variant already registered under this name.
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"variant name must match [a-z][a-z0-9_]*, got {name!r}")
+    if name in _VARIANTS and not override:
+        raise ValueError(f"variant {name!r} is already registered; pass override=True to replace it")
+
+    def decorator(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, AttentionDropVariant)):
+            raise TypeError(f"register_variant({name!r}) expects a subclass of AttentionDropVariant, got {cls!r}")
+        if cls.perturb_logits is AttentionDropVariant.perturb_logits:
+            raise TypeError(f"variant {name!r} ({cls.__name__}) must implement perturb_logits")
+        option_fields = _option_fields(cls.options_class)
+        if undocumented := [f.name for f in option_fields if not f.metadata.get("help")]:
+            raise ValueError(f"variant {name!r}: options {undocumented} need metadata={{'help': ...}}")
+        if reserved := sorted({f.name for f in option_fields} & _RESERVED_NAMES):
+            raise ValueError(f"variant {name!r}: options {reserved} are common AttentionDrop flags; rename them")
+        owners = _options_owned_by_others(name)
+        if taken := {f.name: owners[f.name] for f in option_fields if f.name in owners}:
+            raise ValueError(f"variant {name!r}: options already belong to other variants: {taken}")
+        cls.name = name
+        _VARIANTS[name] = cls
+        return cls
+
+    return decorator
+
+
+def reserve_option_names(names) -> None:
+    """Names no variant option may take (the common flags; called by `attentiondrop_hf.config`)."""
+    for variant_name, variant in _VARIANTS.items():
+        if clash := sorted({f.name for f in _option_fields(variant.options_class)} & set(names)):
+            raise ValueError(f"variant {variant_name!r}: options {clash} are common AttentionDrop flags")
+    _RESERVED_NAMES.update(names)
+
+
+def get_variant(name: str) -> type[AttentionDropVariant]:
+    """The variant registered under `name`; raises `UnknownVariantError` listing the registered names otherwise."""
+    if not isinstance(name, str) or name not in _VARIANTS:
+        raise UnknownVariantError(
+            f"`variant` must be one of {sorted(_VARIANTS)}, got {name!r} (a variant of your own must be registered "
+            "with @register_variant before it is used)"
+        )
+    return _VARIANTS[name]
+
+
+def registered_variants() -> dict[str, type[AttentionDropVariant]]:
+    """The live registry (name -> class). Tests snapshot and restore it; users should not mutate it directly."""
+    return _VARIANTS
