@@ -29,7 +29,7 @@ INVALID = [
     ({"variant": "blur", "blur_sigma_max": float("inf")}, "`blur_sigma_max` must be a finite number >= 0"),
     ({"variant": "blur", "blur_sigma_min": 2.0, "blur_sigma_max": 1.0}, "must not exceed `blur_sigma_max`"),
     ({"variant": "blur", "blur_sigma_per": "head"}, "`blur_sigma_per` must be 'example' or 'batch'"),
-    ({"variant": "dropconnect"}, "`variant` must be one of ['blur', 'hard']"),
+    ({"variant": "dropconnect"}, "`variant` must be one of ['blur', 'blur2d', 'hard']"),
     ({"targets": ["encoder"]}, "`targets` must be roles from ['self', 'causal', 'cross']"),
     ({"targets": []}, "`targets` must be None (the default roles) or a non-empty list"),
     ({"layers": [-1]}, "`layers` must hold layer indices >= 0"),
@@ -148,7 +148,7 @@ def test_a_checkpoint_with_an_unregistered_variant_loads_and_evaluates(tmp_path)
     assert loaded.config.attentiondrop["variant"] == "mine" and loaded.config.attentiondrop.settings is None
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**image_batch()).logits, model.eval()(**image_batch()).logits)
-    with pytest.raises(UnknownVariantError, match=r"`variant` must be one of \['blur', 'hard'\], got 'mine'"):
+    with pytest.raises(UnknownVariantError, match=r"must be one of \['blur', 'blur2d', 'hard'\], got 'mine'"):
         loaded.train()(**image_batch())
 
 

@@ -79,7 +79,7 @@ def test_user_variant_flags_are_validated_and_other_variants_flags_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AttentionDropConfig(variant="hard", temperature=2.0)  # at its default
-    with pytest.raises(ValueError, match=r"`variant` must be one of \['blur', 'hard', 'temperature'\]"):
+    with pytest.raises(ValueError, match=r"`variant` must be one of \['blur', 'blur2d', 'hard', 'temperature'\]"):
         get_variant("nope")
 
 
