@@ -266,6 +266,8 @@ def render(results_dir: str, protocol: dict) -> str:
     lines = [f"# {protocol['name']}: results", "", protocol.get("description", ""), ""]
     if protocol.get("table_note"):
         lines += [protocol["table_note"], ""]
+    if protocol.get("pilots", {}).get("choice"):  # why these hyper-parameters (chosen on a validation split)
+        lines += [f"Hyper-parameters: {protocol['pilots']['choice']} Pilots: `experiments/protocols/`.", ""]
     lines += [
         f"Command: `{protocol.get('command', 'python experiments/run.py ' + protocol['name'])}`",
         "",

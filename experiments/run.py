@@ -243,7 +243,17 @@ def machine() -> dict:
         git = ["git", "-C", ROOT]
         info["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "attentiondrop_hf", "recipes", "experiments"],
+            # The code that ran, not the results this runner writes while it runs.
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--",
+                "attentiondrop_hf",
+                "recipes",
+                "experiments",
+                ":!experiments/results",
+            ],
             capture_output=True,
             text=True,
         ).stdout.strip()
