@@ -1,0 +1,117 @@
+"""The end-of-training evaluation of an image classifier saved by the ViT recipe (issue #9, item 3).
+
+Loads the checkpoint and image processor the recipe saved to its `--output_dir` (stock Transformers: nothing of the
+plugin is needed at inference) and measures, once, after training:
+- on the evaluation data (the test set in final runs): accuracy, ECE (15 bins), NLL, Brier score, reliability bins;
+- on a fixed subset of it (the same images for every run): accuracy under L-infinity PGD, epsilon given in pixel
+  units (the processor normalises, so the radius and the valid box are converted per channel);
+- on the un-augmented training subset: accuracy and NLL (with the test accuracy: the overfitting gap);
+- on a fixed batch in eval mode: the mean entropy of the last layer's attention rows.
+"""
+
+import numpy as np
+import torch
+from datasets import ClassLabel, load_dataset
+from metrics import attention_entropy, classification_metrics, pgd_accuracy, pixel_box, reliability_bins, softmax
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+__all__ = ["evaluate_image_classifier"]
+
+
+def _image_column(dataset, name: str | None) -> str:
+    if name is not None:
+        return name
+    found = [column for column in ("image", "img") if column in dataset.column_names]
+    if not found:
+        raise ValueError(f"no image column ('image' or 'img') in {dataset.column_names}; pass --image_column_name")
+    return found[0]
+
+
+def load_images(path: str, processor, label2id: dict, image_column: str | None, label_column: str, limit=None):
+    """Pixel values `[N, 3, H, W]` as the recipe's eval transform makes them, and class indices `[N]`."""
+    builder = "imagefolder" if not path.endswith(".parquet") else "parquet"
+    dataset = load_dataset(builder, data_files=path if builder == "parquet" else f"{path}/**", split="train")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    image_key = _image_column(dataset, image_column)
+    feature = dataset.features[label_column]
+    raw = dataset[label_column]
+    # The recipe's label encoding: a ClassLabel is already the class index; other values are named by str(value).
+    labels = raw if isinstance(feature, ClassLabel) else [int(label2id[str(value)]) for value in raw]
+    pixels = []
+    for start in range(0, len(dataset), 500):
+        images = [image.convert("RGB") for image in dataset[start : start + 500][image_key]]
+        pixels.append(processor(images, return_tensors="pt")["pixel_values"])
+    return torch.cat(pixels), torch.tensor(labels)
+
+
+@torch.no_grad()
+def predict(model, pixels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.cat(
+        [
+            model(pixel_values=pixels[i : i + batch_size].to(device)).logits.float().cpu()
+            for i in range(0, len(pixels), batch_size)
+        ]
+    )
+
+
+def fixed_subset(n_total: int, n: int, seed: int) -> np.ndarray:
+    """The same `n` indices for every run of a protocol (a fixed random order, then sorted)."""
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[: min(n, n_total)])
+
+
+def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "cpu") -> dict:
+    """Every end-of-training metric of the checkpoint in `output_dir` (see the module docstring).
+
+    Args:
+        output_dir (`str`): the recipe's output folder (model, config, image processor).
+        evaluation (`dict`): `train_file`, `validation_file` (the data evaluated), `image_column_name`,
+            `label_column_name`, `ece_bins`, `pgd_examples`, `pgd_steps`, `pgd_epsilons_255` (pixel epsilons in
+            units of 1/255), `entropy_examples`, `seed` (of the fixed subsets).
+        device (`str`): "cpu" or "cuda".
+    """
+    device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageClassification.from_pretrained(output_dir).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    columns = (
+        model.config.label2id,
+        evaluation.get("image_column_name"),
+        evaluation.get("label_column_name", "label"),
+    )
+    test_x, test_y = load_images(evaluation["validation_file"], processor, *columns)
+    train_x, train_y = load_images(evaluation["train_file"], processor, *columns)
+
+    n_bins = evaluation.get("ece_bins", 15)
+    test_logits = predict(model, test_x).numpy()
+    results = {f"test_{k}": v for k, v in classification_metrics(test_logits, test_y.numpy(), n_bins).items()}
+    results["test_examples"] = len(test_y)
+    results["reliability"] = reliability_bins(softmax(test_logits), test_y.numpy(), n_bins)
+    train_metrics = classification_metrics(predict(model, train_x).numpy(), train_y.numpy(), n_bins)
+    results.update(train_accuracy=train_metrics["accuracy"], train_nll=train_metrics["nll"])
+    results["train_examples"] = len(train_y)
+    results["overfit_gap"] = results["train_accuracy"] - results["test_accuracy"]
+
+    subset = fixed_subset(len(test_y), evaluation.get("pgd_examples", 1000), evaluation.get("seed", 0))
+    x, y = test_x[subset].to(device), test_y[subset].to(device)
+    scale, lower, upper = (t.to(device) for t in pixel_box(processor.image_mean, processor.image_std))
+
+    def forward(inputs):
+        return model(pixel_values=inputs).logits.float()
+
+    results["pgd_examples"] = len(subset)
+    results["pgd_clean_accuracy"] = float((predict(model, x).argmax(-1) == y.cpu()).float().mean())
+    for eps in evaluation.get("pgd_epsilons_255", [1, 2]):
+        epsilon = scale * (eps / 255)
+        results[f"pgd_{eps}_255_accuracy"] = pgd_accuracy(
+            forward, x, y, epsilon, evaluation.get("pgd_steps", 10), lower, upper
+        )
+
+    # Attention weights exist only on the eager path; the checkpoint's weights are the same.
+    eager = AutoModelForImageClassification.from_pretrained(output_dir, attn_implementation="eager").to(device).eval()
+    batch = x[: evaluation.get("entropy_examples", 256)]
+    with torch.no_grad():
+        attentions = eager(pixel_values=batch, output_attentions=True).attentions
+    results["attention_entropy_last"] = attention_entropy(attentions[-1])
+    results["attention_entropy_uniform"] = float(np.log(attentions[-1].shape[-1]))  # the maximum, for scale
+    return results

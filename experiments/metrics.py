@@ -1,0 +1,208 @@
+"""Metrics of the experiments (issue #9) beyond the recipe's accuracy, ECE and NLL: the Brier score, reliability
+bins, accuracy under an L-infinity PGD attack in pixel space, and the entropy of attention rows.
+
+Pure functions of arrays and tensors (no files, no Trainer), each tested against a small hand-computed case in
+`tests/test_experiments.py`. ECE uses the same upper-inclusive equal-width bins as the recipe's local "calibration"
+metric (`attentiondrop_hf/metrics/calibration`), so the two agree on the same logits.
+"""
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "attention_entropy",
+    "brier_score",
+    "classification_metrics",
+    "expected_calibration_error",
+    "pgd_accuracy",
+    "pgd_linf",
+    "pixel_box",
+    "reliability_bins",
+    "softmax",
+]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of `[N, C]` logits, in float64."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _check_probs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"probs must be [N, C] and labels [N], got {probs.shape} and {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise ValueError(f"labels must be class indices in [0, {probs.shape[1]}), got {labels.min()}..{labels.max()}")
+    return probs, labels
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, list]:
+    """Per equal-width confidence bin: example count, summed confidence and number correct.
+
+    Bins are upper-inclusive, ((b-1)/n, b/n]: a confidence of exactly b/n belongs to bin b-1 (as the recipe's ECE).
+    Sums rather than means, so bins of several seeds add up before dividing.
+
+    Args:
+        probs (`np.ndarray` of shape `[N, C]`): predicted class probabilities.
+        labels (`np.ndarray` of shape `[N]`): true class indices.
+        n_bins (`int`): number of bins over [0, 1].
+
+    Returns:
+        `dict` with `count`, `confidence_sum` and `correct` (lists of length `n_bins`).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs, labels = _check_probs(probs, labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    return {
+        "count": np.bincount(bins, minlength=n_bins).tolist(),
+        "confidence_sum": np.bincount(bins, weights=confidence, minlength=n_bins).tolist(),
+        "correct": np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins).tolist(),
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE (Guo et al., 2017): sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|."""
+    bins = reliability_bins(probs, labels, n_bins)
+    count = np.asarray(bins["count"], dtype=np.float64)
+    gaps = np.abs(np.asarray(bins["correct"]) - np.asarray(bins["confidence_sum"]))  # = count * |acc - conf|
+    return float(gaps.sum() / count.sum())
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score (Brier, 1950): mean over examples of sum over classes of (p_c - 1[c = y])^2.
+
+    Ranges over [0, 2]; a uniform prediction over C classes scores 1 - 1/C.
+    """
+    probs, labels = _check_probs(probs, labels)
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, ECE, NLL (natural log) and Brier score of `[N, C]` logits."""
+    probs, labels = _check_probs(softmax(logits), labels)
+    log_probs = np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
+    return {
+        "accuracy": float((probs.argmax(axis=1) == labels).mean()),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "nll": float(-log_probs.mean()),
+        "brier": brier_score(probs, labels),
+    }
+
+
+def pixel_box(
+    mean: Sequence[float], std: Sequence[float], pixel_range: tuple[float, float] = (0.0, 1.0)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scale and bounds of normalised inputs `(x - mean) / std` for pixels in `pixel_range`.
+
+    An epsilon of e in pixel space is e / std in normalised space, and the valid pixels [0, 1] map to
+    [(0 - mean) / std, (1 - mean) / std]. Each is returned per channel, shaped `[1, C, 1, 1]` to broadcast over images.
+
+    Returns:
+        `(scale, lower, upper)`: `1 / std`, the smallest and the largest valid normalised value.
+    """
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    if mean_t.shape != std_t.shape or (std_t <= 0).any():
+        raise ValueError(f"mean and std must have one value per channel and std > 0, got {mean} and {std}")
+    low, high = pixel_range
+    return 1.0 / std_t, (low - mean_t) / std_t, (high - mean_t) / std_t
+
+
+def pgd_linf(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    steps: int,
+    step_size: float | torch.Tensor,
+    lower: float | torch.Tensor,
+    upper: float | torch.Tensor,
+) -> torch.Tensor:
+    """Projected gradient descent on the cross-entropy (Madry et al., 2018), L-infinity ball, no random start.
+
+    Each step moves `inputs` by `step_size * sign(grad)` up the loss, then projects onto the ball of radius `epsilon`
+    around the clean inputs and onto the valid box `[lower, upper]`. Without a random start the attack is a
+    deterministic function of the model and the inputs, so paired runs are attacked alike.
+
+    Args:
+        forward (`Callable`): maps inputs `[B, ...]` to logits `[B, C]` (the model in eval mode).
+        inputs (`torch.Tensor` of shape `[B, ...]`): clean inputs (inside the box).
+        labels (`torch.Tensor` of shape `[B]`): true classes.
+        epsilon, step_size (`float` or `torch.Tensor` broadcasting to `inputs`): ball radius and step, in the units
+            of `inputs` (for normalised images, the pixel value times `pixel_box`'s scale).
+        steps (`int`): number of steps (0 returns the clean inputs).
+        lower, upper (`float` or `torch.Tensor` broadcasting to `inputs`): the valid input box.
+
+    Returns:
+        `torch.Tensor` shaped like `inputs`: the adversarial inputs, detached.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    clean = inputs.detach()
+    # Tensors on the inputs' device, so that a float or a per-channel tensor both broadcast.
+    epsilon, lower, upper = (
+        torch.as_tensor(v, dtype=clean.dtype, device=clean.device) for v in (epsilon, lower, upper)
+    )
+    adversarial = clean.clone()
+    for _ in range(steps):
+        adversarial.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(forward(adversarial), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, adversarial)
+        with torch.no_grad():
+            adversarial = adversarial + step_size * grad.sign()
+            adversarial = torch.minimum(torch.maximum(adversarial, clean - epsilon), clean + epsilon)
+            adversarial = torch.minimum(torch.maximum(adversarial, lower), upper)
+    return adversarial.detach()
+
+
+def pgd_accuracy(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    steps: int,
+    lower: float | torch.Tensor,
+    upper: float | torch.Tensor,
+    batch_size: int = 250,
+) -> float:
+    """Accuracy on PGD inputs (step size 2.5 * epsilon / steps, the usual choice), attacked in batches."""
+    step_size = 2.5 * epsilon / max(steps, 1)
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+        adversarial = pgd_linf(forward, x, y, epsilon, steps, step_size, lower, upper)
+        with torch.no_grad():
+            correct += int((forward(adversarial).argmax(-1) == y).sum())
+    return correct / len(inputs)
+
+
+def attention_entropy(probs: torch.Tensor, key_mask: torch.Tensor | None = None) -> float:
+    """Mean entropy (nats) of attention rows: -sum_j p_ij log p_ij, averaged over batch, heads and queries.
+
+    Args:
+        probs (`torch.Tensor` of shape `[B, H, Q, K]`): attention probabilities (rows sum to 1).
+        key_mask (`torch.Tensor` of shape `[B, K]`, *optional*): 1 for real keys; rows of padded queries are left
+            out of the mean. `None`: every query counts (images).
+
+    Returns:
+        `float`: 0 for one-hot rows, log(K) for uniform rows over K keys.
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be [batch, heads, queries, keys], got shape {tuple(probs.shape)}")
+    probs = probs.double()
+    # 0 * log 0 = 0: only positive probabilities enter the logarithm.
+    row_entropy = -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(-1)  # [B, H, Q]
+    if key_mask is None:
+        return float(row_entropy.mean())
+    query_mask = key_mask.bool()[:, None, :].expand_as(row_entropy)  # queries are the keys' positions (self-attn)
+    return float(row_entropy[query_mask].mean())

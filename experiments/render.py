@@ -1,0 +1,306 @@
+"""The results table (`README.md`) and figures of a protocol, rendered from whatever run JSONs exist.
+
+Every number is a mean ± sample standard deviation (ddof = 1) over the seeds a row has; the number of seeds is in the
+table. Paired differences subtract, seed by seed, the `none` row's value of the same seed (same data order and
+initialisation), then average; they use only the seeds both rows have. One seed: no ± (no spread to show).
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+
+__all__ = ["aggregate", "columns_for", "load_runs", "markdown_tables", "paired_differences", "render"]
+
+BASELINE = "none"
+
+# (key in a run record, header, format, higher is better?) per task.
+IMAGE_COLUMNS = [
+    ("test_accuracy", "test acc", "{:.3f}", True),
+    ("test_ece", "ECE (15 bins)", "{:.3f}", False),
+    ("test_nll", "NLL", "{:.3f}", False),
+    ("test_brier", "Brier", "{:.3f}", False),
+    ("pgd_1_255_accuracy", "PGD acc ε=1/255", "{:.3f}", True),
+    ("pgd_2_255_accuracy", "PGD acc ε=2/255", "{:.3f}", True),
+    ("train_accuracy", "train acc", "{:.3f}", None),
+    ("overfit_gap", "train − test", "{:.3f}", False),
+    ("attention_entropy_last", "attn entropy (nats)", "{:.3f}", None),
+    ("time_ratio", "CPU time/epoch ÷ none", "{:.2f}", False),
+    ("train_wall_s_per_epoch", "wall s/epoch", "{:.1f}", False),
+]
+TRANSLATION_COLUMNS = [
+    ("bleu", "test BLEU", "{:.2f}", True),
+    ("chrf", "test chrF", "{:.2f}", True),
+    ("time_ratio", "CPU time/epoch ÷ none", "{:.2f}", False),
+    ("train_wall_s_per_epoch", "wall s/epoch", "{:.1f}", False),
+]
+
+
+def columns_for(task: str) -> list[tuple]:
+    return IMAGE_COLUMNS if task == "image-classification" else TRANSLATION_COLUMNS
+
+
+def load_runs(results_dir: str) -> list[dict]:
+    """Every finished run's record in `results_dir/runs/`, flattened: metrics and timings at the top level."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "runs", "*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        flat = {**record, **record.get("metrics", {})}
+        runs.append(flat)
+    by_seed_baseline = {r["seed"]: r for r in runs if r["row"] == BASELINE}
+    for run in runs:  # CPU time per epoch relative to the baseline of the same seed (paired)
+        baseline = by_seed_baseline.get(run["seed"])
+        if baseline is not None:
+            run["time_ratio"] = run["train_cpu_s_per_epoch"] / baseline["train_cpu_s_per_epoch"]
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def aggregate(runs: list[dict], rows: list[str], keys: list[str]) -> dict[str, dict]:
+    """Per row: the seeds it has and, per key, (mean, std or None) over them."""
+    table = {}
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        if not mine:
+            continue
+        stats = {key: _mean_std([r[key] for r in mine]) for key in keys if all(key in r for r in mine)}
+        table[row] = {"seeds": sorted(r["seed"] for r in mine), "stats": stats}
+    return table
+
+
+def paired_differences(runs: list[dict], rows: list[str], keys: list[str]) -> dict[str, dict]:
+    """Per row other than `none`: per key, (mean, std or None) over seeds of (row value - none value, same seed)."""
+    baseline = {r["seed"]: r for r in runs if r["row"] == BASELINE}
+    table = {}
+    for row in rows:
+        if row == BASELINE:
+            continue
+        pairs = [(r, baseline[r["seed"]]) for r in runs if r["row"] == row and r["seed"] in baseline]
+        if not pairs:
+            continue
+        stats = {
+            key: _mean_std([mine[key] - base[key] for mine, base in pairs])
+            for key in keys
+            if all(key in mine and key in base for mine, base in pairs)
+        }
+        table[row] = {"seeds": sorted(mine["seed"] for mine, _ in pairs), "stats": stats}
+    return table
+
+
+def _cell(stat: tuple[float, float | None] | None, fmt: str, signed: bool = False) -> str:
+    if stat is None:
+        return "—"
+    mean, std = stat
+    text = ("+" if signed and mean >= 0 else "") + fmt.format(mean)
+    return text if std is None else f"{text} ± {fmt.format(std)}"
+
+
+def markdown_tables(runs: list[dict], protocol: dict) -> str:
+    """The table of means and the table of paired differences from `none`, in the protocol's row order."""
+    columns = columns_for(protocol["task"])
+    rows = [row["name"] for row in protocol["rows"]]
+    keys = [c[0] for c in columns]
+    means, diffs = aggregate(runs, rows, keys), paired_differences(runs, rows, keys)
+    header = "| row | seeds | " + " | ".join(c[1] for c in columns) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    lines = ["**Mean ± std over seeds**", "", header, rule]
+    for row in rows:
+        if row in means:
+            cells = [_cell(means[row]["stats"].get(key), fmt) for key, _, fmt, _ in columns]
+            lines.append(f"| {row} | {len(means[row]['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"**Paired difference from `{BASELINE}` (row − none, same seed; mean ± std over seeds)**",
+        "",
+        header,
+        rule,
+    ]
+    for row in rows:
+        if row in diffs:
+            cells = [
+                _cell(diffs[row]["stats"].get(key), fmt, signed=True) if key != "time_ratio" else "—"
+                for key, _, fmt, _ in columns
+            ]
+            lines.append(f"| {row} | {len(diffs[row]['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_bars(runs, protocol, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in columns_for(protocol["task"]) if c[0] != "train_wall_s_per_epoch"]
+    rows = [row["name"] for row in protocol["rows"]]
+    means = aggregate(runs, rows, [c[0] for c in columns])
+    shown = [row for row in rows if row in means]
+    n = len(columns)
+    fig, axes = plt.subplots((n + 2) // 3, 3, figsize=(13, 3.2 * ((n + 2) // 3)), squeeze=False)
+    for axis, (key, title, _, better) in zip(axes.flat, columns):
+        stats = [means[row]["stats"].get(key, (np.nan, None)) for row in shown]
+        heights = [s[0] for s in stats]
+        errors = [s[1] or 0.0 for s in stats]
+        colors = ["0.55" if row == BASELINE else "C0" for row in shown]
+        axis.bar(range(len(shown)), heights, yerr=errors, color=colors, capsize=3)
+        axis.set_xticks(range(len(shown)), shown, rotation=35, ha="right", fontsize=8)
+        note = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+        axis.set_title(title + note, fontsize=9)
+        finite = [h for h in heights if np.isfinite(h)]
+        if finite and key not in ("time_ratio",) and min(finite) > 0:  # zoom in: differences are small
+            spread = max(finite) - min(finite) + max(errors)
+            axis.set_ylim(max(0, min(finite) - 2 * spread - 1e-3), max(finite) + 1.5 * spread + 1e-3)
+    for axis in axes.flat[n:]:
+        axis.axis("off")
+    seeds = {row: len(means[row]["seeds"]) for row in shown}
+    fig.suptitle(f"{protocol['name']}: mean ± std over seeds {seeds}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_reliability(runs, protocol, path) -> str | None:
+    """`none` vs the row of highest mean test accuracy; bins summed over the seeds of each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row["name"] for row in protocol["rows"]]
+    means = aggregate(runs, rows, ["test_accuracy"])
+    others = [row for row in means if row != BASELINE]
+    if BASELINE not in means or not others:
+        return None
+    best = max(others, key=lambda row: means[row]["stats"]["test_accuracy"][0])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for axis, row in zip(axes, (BASELINE, best)):
+        mine = [r["reliability"] for r in runs if r["row"] == row]
+        count = np.sum([m["count"] for m in mine], axis=0).astype(float)
+        confidence = np.sum([m["confidence_sum"] for m in mine], axis=0)
+        correct = np.sum([m["correct"] for m in mine], axis=0)
+        n_bins = len(count)
+        edges = np.linspace(0, 1, n_bins + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accuracy = np.where(count > 0, correct / count, np.nan)
+            mean_conf = np.where(count > 0, confidence / count, np.nan)
+        axis.bar(edges[:-1], accuracy, width=1 / n_bins, align="edge", edgecolor="k", label="accuracy")
+        # Guo et al.'s style: the red part spans from a bin's accuracy to its mean confidence.
+        axis.bar(
+            edges[:-1],
+            mean_conf - accuracy,
+            bottom=accuracy,
+            width=1 / n_bins,
+            align="edge",
+            color="r",
+            alpha=0.3,
+            edgecolor="r",
+            label="gap to mean confidence",
+        )
+        axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+        stats = means[row]["stats"]
+        seeds = f"{len(mine)} seed{'s' if len(mine) > 1 else ''}"
+        axis.set_title(f"{row} ({seeds} pooled, test acc {stats['test_accuracy'][0]:.3f})", fontsize=9)
+        axis.set_xlabel("confidence")
+        axis.set_ylabel("accuracy")
+        axis.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return best
+
+
+def _plot_curves(runs, protocol, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.2))
+    for index, row in enumerate(row["name"] for row in protocol["rows"]):
+        mine = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
+        for k, run in enumerate(mine):
+            points = [(c["epoch"], c.get("task_loss", c["loss"])) for c in run["curves"]]
+            if points:
+                epochs, losses = zip(*points)
+                axis.plot(epochs, losses, color=f"C{index}", alpha=0.8, linewidth=1, label=row if k == 0 else None)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("training cross-entropy (task loss)")
+    axis.set_yscale("log")
+    axis.legend(fontsize=8)
+    axis.set_title(f"{protocol['name']}: training curves (one line per seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machines(runs: list[dict]) -> str:
+    seen = sorted(
+        {
+            (
+                r["machine"].get("cpu"),
+                r["machine"].get("cpu_cores"),
+                r["machine"].get("gpu"),
+                r["machine"].get("torch"),
+                r["machine"].get("transformers"),
+            )
+            for r in runs
+        },
+        key=str,
+    )
+    return "; ".join(
+        f"{cpu} ({cores} cores{', ' + gpu if gpu else ''}), torch {t}, transformers {tf}"
+        for cpu, cores, gpu, t, tf in seen
+    )
+
+
+def render(results_dir: str, protocol: dict) -> str:
+    """Write `README.md` and the figures to `results_dir` from its run JSONs; returns the README text."""
+    runs = load_runs(results_dir)
+    os.makedirs(results_dir, exist_ok=True)
+    lines = [f"# {protocol['name']}: results", "", protocol.get("description", ""), ""]
+    if protocol.get("table_note"):
+        lines += [protocol["table_note"], ""]
+    if protocol.get("pilots", {}).get("choice"):  # why these hyper-parameters (chosen on a validation split)
+        lines += [f"Hyper-parameters: {protocol['pilots']['choice']} Pilots: `experiments/protocols/`.", ""]
+    lines += [
+        f"Command: `{protocol.get('command', 'python experiments/run.py ' + protocol['name'])}`",
+        "",
+        "Rows:",
+        *(f"- `{row['name']}`: {row.get('description', '')}" for row in protocol["rows"]),
+        "",
+    ]
+    if not runs:
+        lines.append("No run has finished yet.")
+    else:
+        lines += [markdown_tables(runs, protocol), ""]
+        lines += [
+            "CPU time/epoch ÷ none: the process CPU time of `train()` per epoch divided by the `none` run of the "
+            "same seed (CPU time rather than wall time because other jobs share the cores; wall s/epoch is kept "
+            "too). Differences smaller than their seed-to-seed spread are no difference.",
+            "",
+            f"Machines: {_machines(runs)}.",
+            "",
+        ]
+        _plot_bars(runs, protocol, os.path.join(results_dir, "metrics.png"))
+        lines += ["![Metrics per row](metrics.png)", ""]
+        if protocol["task"] == "image-classification":
+            best = _plot_reliability(runs, protocol, os.path.join(results_dir, "reliability.png"))
+            if best:
+                lines += [
+                    f"Reliability diagrams: `none` vs `{best}` (highest mean test accuracy).",
+                    "",
+                    "![Reliability diagrams](reliability.png)",
+                    "",
+                ]
+        _plot_curves(runs, protocol, os.path.join(results_dir, "curves.png"))
+        lines += ["![Training curves](curves.png)", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(results_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return text

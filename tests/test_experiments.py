@@ -1,0 +1,309 @@
+"""The experiments of issue #9: metric helpers against hand-computed cases, the runner's planning (skipping finished
+runs), the table rendered from synthetic run JSONs, and the GPU protocol run end to end at a tiny size on the CPU."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+
+from attentiondrop_hf import metrics as package_metrics
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+sys.path.insert(0, EXPERIMENTS)
+
+import metrics  # noqa: E402
+import render  # noqa: E402
+import run  # noqa: E402
+
+# Four predictions whose confidences are exact binary fractions (no bin-edge rounding), 4 bins of width 1/4.
+PROBS = np.array([[0.875, 0.125], [0.625, 0.375], [0.25, 0.75], [0.0625, 0.9375]])
+LABELS = np.array([0, 1, 1, 0])  # right, wrong, right, wrong
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+
+
+def test_ece_matches_the_hand_computed_value_and_the_recipe_metric():
+    # Bin 3 of 4 ((0.5, 0.75]): confidences 0.625 (wrong) and 0.75 (right, exactly on the edge: upper-inclusive):
+    # |0.5 - 0.6875| * 2/4 = 0.09375. Bin 4 ((0.75, 1]): 0.875 (right), 0.9375 (wrong): |0.5 - 0.90625| * 2/4.
+    expected = 0.09375 + 0.203125
+    assert metrics.expected_calibration_error(PROBS, LABELS, n_bins=4) == pytest.approx(expected, abs=1e-12)
+    recipe = package_metrics.load("calibration").compute(
+        predictions=PROBS.tolist(), references=LABELS.tolist(), n_bins=4, from_logits=False
+    )
+    assert recipe["ece"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_reliability_bins_hold_counts_confidences_and_hits():
+    bins = metrics.reliability_bins(PROBS, LABELS, n_bins=4)
+    assert bins["count"] == [0, 0, 2, 2]
+    assert bins["confidence_sum"] == pytest.approx([0, 0, 1.375, 1.8125])
+    assert bins["correct"] == [0, 0, 1, 1]
+
+
+def test_brier_score_hand_computed():
+    # Per example sum over classes of (p - onehot)^2: 0.03125, 0.78125, 0.125, 1.7578125.
+    assert metrics.brier_score(PROBS, LABELS) == pytest.approx((0.03125 + 0.78125 + 0.125 + 1.7578125) / 4)
+    uniform = np.full((3, 10), 0.1)
+    assert metrics.brier_score(uniform, np.array([0, 4, 9])) == pytest.approx(0.9)  # 1 - 1/C
+    with pytest.raises(ValueError, match="class indices"):
+        metrics.brier_score(PROBS, np.array([0, 1, 2, 0]))
+
+
+def test_classification_metrics_from_logits():
+    logits = np.log(PROBS)  # softmax(log p) = p
+    result = metrics.classification_metrics(logits, LABELS, n_bins=4)
+    assert result["accuracy"] == 0.5
+    assert result["nll"] == pytest.approx(-np.mean(np.log([0.875, 0.375, 0.75, 0.0625])))
+    assert result["brier"] == pytest.approx(metrics.brier_score(PROBS, LABELS))
+
+
+def test_pixel_box_converts_pixel_epsilons_and_bounds_through_the_normalisation():
+    scale, lower, upper = metrics.pixel_box([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert scale.shape == (1, 3, 1, 1) and torch.all(scale == 2.0)  # 1/255 in pixels is 2/255 normalised
+    assert torch.all(lower == -1.0) and torch.all(upper == 1.0)
+    scale, lower, upper = metrics.pixel_box([0.25], [0.5])
+    assert lower.item() == -0.5 and upper.item() == 1.5
+    with pytest.raises(ValueError, match="std > 0"):
+        metrics.pixel_box([0.5], [0.0])
+
+
+def _linear(inputs):
+    """Logits [w . x, 0] with w = (1, -1): for class 0 the loss rises fastest along (-1, +1)."""
+    return torch.stack([inputs[:, 0] - inputs[:, 1], torch.zeros(len(inputs))], dim=1)
+
+
+def test_pgd_steps_by_the_gradient_sign_and_projects_on_ball_and_box():
+    clean, label = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
+    # Three steps of 0.04 along (-1, +1) = (0.38, 0.62); the ball of radius 0.1 clips to (0.4, 0.6).
+    adversarial = metrics.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 1.0)
+    assert torch.allclose(adversarial, torch.tensor([[0.4, 0.6]]))
+    # The valid box [0, 0.55] clips the second coordinate further.
+    adversarial = metrics.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 0.55)
+    assert torch.allclose(adversarial, torch.tensor([[0.4, 0.55]]))
+    assert torch.equal(metrics.pgd_linf(_linear, clean, label, 0.1, 0, 0.04, 0.0, 1.0), clean)
+
+
+def test_pgd_accuracy_flips_a_prediction_only_when_epsilon_allows():
+    clean, label = torch.tensor([[0.6, 0.5]]), torch.tensor([0])  # margin w . x = 0.1: right
+    # eps 0.02 moves the margin by at most 0.04: still right. eps 0.1 reaches (0.5, 0.6), margin -0.1: wrong.
+    assert metrics.pgd_accuracy(_linear, clean, label, 0.02, 10, 0.0, 1.0) == 1.0
+    assert metrics.pgd_accuracy(_linear, clean, label, 0.1, 10, 0.0, 1.0) == 0.0
+
+
+def test_attention_entropy_hand_computed():
+    uniform = torch.full((1, 1, 1, 4), 0.25)
+    one_hot = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, 1, 1, 4)
+    assert metrics.attention_entropy(uniform) == pytest.approx(math.log(4))
+    assert metrics.attention_entropy(one_hot) == 0.0
+    rows = torch.cat([uniform, one_hot, half], dim=2)  # [1, 1, 3, 4]: the mean of the three rows
+    assert metrics.attention_entropy(rows) == pytest.approx((math.log(4) + math.log(2)) / 3)
+    # A padded query (key_mask 0 at its position) leaves the mean: only the uniform and the one-hot row count.
+    three = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).view(1, 1, 3, 3)
+    assert metrics.attention_entropy(three, key_mask=torch.tensor([[1, 1, 0]])) == pytest.approx(math.log(3) / 2)
+    with pytest.raises(ValueError, match="batch, heads, queries, keys"):
+        metrics.attention_entropy(torch.ones(4, 4))
+
+
+# ----------------------------------------------------------------------------------------------------- runner
+
+
+def test_balanced_split_is_disjoint_balanced_and_fixed():
+    labels = [0, 1, 2] * 5
+    first, second = run.balanced_split(labels, 2, 1, seed=3)
+    assert np.bincount(np.asarray(labels)[first]).tolist() == [2, 2, 2]
+    assert np.bincount(np.asarray(labels)[second]).tolist() == [1, 1, 1]
+    assert not set(first) & set(second)
+    again = run.balanced_split(labels, 2, 1, seed=3)
+    assert np.array_equal(first, again[0]) and np.array_equal(second, again[1])
+    _, rest = run.balanced_split(labels, 2, None, seed=3)
+    assert len(rest) == 9  # None: everything not in the first set
+    with pytest.raises(ValueError, match="class 0 has 5 examples"):
+        run.balanced_split(labels, 4, 2, seed=3)
+
+
+def test_frozen_protocols_load_and_build_the_recipe_flags():
+    small = run.load_protocol("cifar10-small")
+    names = [row["name"] for row in small["rows"]]
+    assert names[:7] == ["none", "attn_dropout", "rdrop", "hard", "blur", "hard_consistency", "blur_consistency"]
+    data = {"train_file": "t.parquet", "validation_file": "v.parquet"}
+    rdrop = run.recipe_argv(small, small["rows"][2], 1, data, "out", "cpu")
+    overrides = rdrop[rdrop.index("--config_overrides") + 1]
+    assert "hidden_dropout_prob=0.1" in overrides and "attention_probs_dropout_prob=0.0" in overrides
+    flags = dict(zip(rdrop[::2], rdrop[1::2]))
+    assert flags["--use_attentiondrop"] == "false" and flags["--consistency_kl"] == "symmetric"
+    assert flags["--seed"] == "1" and flags["--use_cpu"] == "true" and flags["--eval_strategy"] == "no"
+    gpu = run.load_protocol("cifar10-gpu")
+    assert [row["name"] for row in gpu["rows"]][:7] == names[:7]
+    flags = run.recipe_argv(gpu, gpu["rows"][0], 0, data, "out", "cuda")
+    assert "--bf16" in flags and "--use_cpu" not in flags
+    with pytest.raises(ValueError, match="unknown protocol 'nope'"):
+        run.load_protocol("nope")
+    with pytest.raises(ValueError, match=r"--rows \['typo'\]"):
+        run.select_rows(small, ["typo"])
+
+
+def _record(row, seed, accuracy, cpu_per_epoch):
+    bins = {"count": [1, 1], "confidence_sum": [0.4, 0.9], "correct": [0, 1]}
+    metrics_ = {
+        "test_accuracy": accuracy,
+        "test_ece": 0.1,
+        "test_nll": 1.0,
+        "test_brier": 0.5,
+        "pgd_1_255_accuracy": 0.2,
+        "pgd_2_255_accuracy": 0.1,
+        "train_accuracy": 0.95,
+        "overfit_gap": 0.95 - accuracy,
+        "attention_entropy_last": 2.0,
+        "reliability": bins,
+    }
+    return {
+        "row": row,
+        "seed": seed,
+        "metrics": metrics_,
+        "train_cpu_s_per_epoch": cpu_per_epoch,
+        "train_wall_s_per_epoch": cpu_per_epoch / 2,
+        "curves": [{"epoch": 1.0, "loss": 1.5, "task_loss": 1.5}],
+        "machine": {"cpu": "test cpu", "cpu_cores": 2, "gpu": None, "torch": "x", "transformers": "y"},
+    }
+
+
+def _tiny_protocol(path):
+    protocol = run.load_protocol("cifar10-small")
+    protocol["rows"] = protocol["rows"][:4]
+    with open(path, "w") as handle:
+        json.dump(protocol, handle)
+    return protocol
+
+
+def test_render_writes_means_seeds_paired_differences_and_figures(tmp_path):
+    protocol = _tiny_protocol(tmp_path / "protocol.json")
+    for record in (
+        _record("none", 0, 0.5, 10.0),
+        _record("none", 1, 0.7, 10.0),
+        _record("hard", 0, 0.6, 11.0),
+        _record("hard", 1, 0.9, 12.0),
+    ):
+        run.write_json(run.run_path(str(tmp_path), record["row"], record["seed"]), record)
+    text = render.render(str(tmp_path), protocol)
+    means, diffs = text.split("**Paired difference")
+    none_line = next(line for line in means.splitlines() if line.startswith("| none |"))
+    hard_line = next(line for line in means.splitlines() if line.startswith("| hard |"))
+    assert none_line.startswith("| none | 2 | 0.600 ± 0.141 |")  # 2 seeds; std with ddof = 1
+    assert hard_line.startswith("| hard | 2 | 0.750 ± 0.212 |")
+    assert "| 1.15 ± 0.07 |" in hard_line  # CPU time ratio to none per seed: 1.1 and 1.2
+    hard_diff = next(line for line in diffs.splitlines() if line.startswith("| hard |"))
+    assert hard_diff.startswith("| hard | 2 | +0.150 ± 0.071 |")  # paired: +0.1 and +0.2
+    assert "| attn_dropout |" not in text  # rows without runs are left out, not zeros
+    for figure in ("metrics.png", "reliability.png", "curves.png", "README.md"):
+        assert (tmp_path / figure).is_file()
+
+
+def _write_images(path, n_per_class=6, classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    images = [
+        PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        for _ in range(n_per_class * len(classes))
+    ]
+    labels = [i % len(classes) for i in range(len(images))]
+    features = Features({"img": Image(), "label": ClassLabel(names=list(classes))})
+    Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(str(path))
+    return str(path)
+
+
+def test_runner_skips_runs_whose_json_exists_and_renders(tmp_path, monkeypatch):
+    protocol_path = tmp_path / "protocol.json"
+    _tiny_protocol(protocol_path)
+    images = _write_images(tmp_path / "images.parquet")
+    results = tmp_path / "results"
+    run.write_json(run.run_path(str(results), "none", 0), _record("none", 0, 0.5, 10.0))
+    launched = []
+
+    def fake_launch(spec, log_path):
+        launched.append((spec["row"], spec["seed"]))
+        assert spec["argv"][spec["argv"].index("--validation_file") + 1] == images  # evaluated on the given data
+        run.write_json(spec["result_path"], _record(spec["row"], spec["seed"], 0.6, 11.0))
+        return 0
+
+    monkeypatch.setattr(run, "launch", fake_launch)
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    argv = [str(protocol_path), "--seeds", "0", "1", "--rows", "none", "hard", "--results_dir", str(results)]
+    argv += ["--train_file", images, "--validation_file", images]
+    argv += ["--set", "data.train_per_class=4", "data.validation_per_class=1"]
+    assert run.main([*argv, "--parallel", "1"]) == 0
+    assert launched == [("hard", 0), ("none", 1), ("hard", 1)]  # seed by seed; none-seed0 existed
+    text = (results / "README.md").read_text()
+    assert "| none | 2 |" in text and "| hard | 2 |" in text
+    launched.clear()
+    assert run.main(argv) == 0 and launched == []  # everything exists: nothing runs again
+    for row in ("none", "hard"):
+        os.remove(run.run_path(str(results), row, 1))
+    assert run.main([*argv, "--parallel", "2"]) == 0  # two at a time: both missing runs, nothing else
+    assert sorted(launched) == [("hard", 1), ("none", 1)]
+
+
+@pytest.mark.slow
+def test_gpu_protocol_runs_end_to_end_at_a_tiny_size_on_cpu(tmp_path, monkeypatch):
+    """The GPU protocol's most involved row (AttentionDrop + consistency) through the recipe in a subprocess, every
+    metric measured; one row keeps the file fast (the parallel pool is tested with a stand-in launcher above)."""
+    images = _write_images(tmp_path / "images.parquet", n_per_class=8)
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    results = tmp_path / "results"
+    # Tiny model and data; logging every step so the curves hold the consistency term.
+    tiny = (
+        "model.hidden_size=16 model.num_hidden_layers=2 model.num_attention_heads=2 model.intermediate_size=32 "
+        "num_train_epochs=1 per_device_train_batch_size=4 data.train_per_class=6 data.validation_per_class=2 "
+        "dataloader_num_workers=0 logging_steps=1"
+    ).split()
+    argv = ["cifar10-gpu", "--device", "cpu", "--rows", "hard_consistency", "--seeds", "0", "--parallel", "1"]
+    argv += ["--train_file", images, "--validation_file", images, "--results_dir", str(results), "--set", *tiny]
+    assert run.main(argv) == 0
+    record = json.loads((results / "runs" / "hard_consistency-seed0.json").read_text())
+    assert record["epochs"] == 1.0 and record["train_cpu_s"] > 0 and record["machine"]["torch"] == torch.__version__
+    got = record["metrics"]
+    assert got["train_examples"] == 12 and got["test_examples"] == 16 and got["pgd_examples"] == 16
+    assert got["test_accuracy"] == pytest.approx(record["recipe_results"]["eval_accuracy"])  # same eval path
+    assert got["pgd_2_255_accuracy"] <= got["pgd_clean_accuracy"]
+    assert 0 < got["attention_entropy_last"] <= got["attention_entropy_uniform"] + 1e-9
+    assert any("consistency_loss" in point for point in record["curves"])
+    assert "| hard_consistency | 1 |" in (results / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["cifar10-small", "cifar10-gpu", "multi30k-small"])
+def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path):
+    """A misspelt flag or a value of the wrong type in a protocol fails here, not hours into a run."""
+    sys.path.insert(0, os.path.join(EXPERIMENTS, "..", "recipes"))
+    from _common import parse_arguments
+
+    protocol = run.load_protocol(name)
+    recipe = __import__(run.TASKS[protocol["task"]])
+    if protocol["task"] == "image-classification":
+        data = {
+            "train_file": _write_images(tmp_path / "images.parquet"),
+            "validation_file": str(tmp_path / "images.parquet"),
+        }
+        classes = (recipe.ImageModelArguments, recipe.ImageDataArguments)
+        training = recipe.AttentionDropTrainingArguments
+    else:
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text(json.dumps({"translation": {"en": "a dog", "de": "ein Hund"}}) + "\n")
+        data = {"train_file": str(pairs), "validation_file": str(pairs), "test_file": str(pairs)}
+        classes = (recipe.TranslationModelArguments, recipe.TranslationDataArguments)
+        training = recipe.AttentionDropSeq2SeqTrainingArguments
+    for row in protocol["rows"]:
+        argv = run.recipe_argv(protocol, row, 0, data, str(tmp_path / "out"), "cpu")
+        model_args, _, attentiondrop, training_args = parse_arguments(
+            (*classes, recipe.AttentionDropConfig, training), argv
+        )
+        assert model_args.use_attentiondrop == row.get("args", {}).get("use_attentiondrop", True)
+        assert training_args.consistency_weight == row.get("args", {}).get("consistency_weight", 0.0)
+        assert training_args.eval_strategy == "no" and not training_args.load_best_model_at_end
+        if model_args.use_attentiondrop:
+            assert attentiondrop.variant == row["args"]["variant"] and attentiondrop.p == 0.1  # package defaults
