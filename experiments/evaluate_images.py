@@ -12,7 +12,7 @@ plugin is needed at inference) and measures, once, after training:
 import numpy as np
 import torch
 from datasets import ClassLabel, load_dataset
-from metrics import attention_entropy, classification_metrics, pgd_accuracy, pixel_box, reliability_bins, softmax
+from measures import attention_entropy, classification_metrics, pgd_accuracy, pixel_box, reliability_bins, softmax
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 __all__ = ["evaluate_image_classifier"]

@@ -12,12 +12,12 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-from attentiondrop_hf import metrics as package_metrics
-
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+sys.path.insert(0, os.path.join(EXPERIMENTS, "..", "recipes"))
 sys.path.insert(0, EXPERIMENTS)
 
-import metrics  # noqa: E402
+import measures  # noqa: E402
+import metrics as recipe_metrics  # noqa: E402  (recipes/metrics: the recipe's local evaluate modules)
 import render  # noqa: E402
 import run  # noqa: E402
 
@@ -33,15 +33,15 @@ def test_ece_matches_the_hand_computed_value_and_the_recipe_metric():
     # Bin 3 of 4 ((0.5, 0.75]): confidences 0.625 (wrong) and 0.75 (right, exactly on the edge: upper-inclusive):
     # |0.5 - 0.6875| * 2/4 = 0.09375. Bin 4 ((0.75, 1]): 0.875 (right), 0.9375 (wrong): |0.5 - 0.90625| * 2/4.
     expected = 0.09375 + 0.203125
-    assert metrics.expected_calibration_error(PROBS, LABELS, n_bins=4) == pytest.approx(expected, abs=1e-12)
-    recipe = package_metrics.load("calibration").compute(
+    assert measures.expected_calibration_error(PROBS, LABELS, n_bins=4) == pytest.approx(expected, abs=1e-12)
+    recipe = recipe_metrics.load("calibration").compute(
         predictions=PROBS.tolist(), references=LABELS.tolist(), n_bins=4, from_logits=False
     )
     assert recipe["ece"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_reliability_bins_hold_counts_confidences_and_hits():
-    bins = metrics.reliability_bins(PROBS, LABELS, n_bins=4)
+    bins = measures.reliability_bins(PROBS, LABELS, n_bins=4)
     assert bins["count"] == [0, 0, 2, 2]
     assert bins["confidence_sum"] == pytest.approx([0, 0, 1.375, 1.8125])
     assert bins["correct"] == [0, 0, 1, 1]
@@ -49,29 +49,29 @@ def test_reliability_bins_hold_counts_confidences_and_hits():
 
 def test_brier_score_hand_computed():
     # Per example sum over classes of (p - onehot)^2: 0.03125, 0.78125, 0.125, 1.7578125.
-    assert metrics.brier_score(PROBS, LABELS) == pytest.approx((0.03125 + 0.78125 + 0.125 + 1.7578125) / 4)
+    assert measures.brier_score(PROBS, LABELS) == pytest.approx((0.03125 + 0.78125 + 0.125 + 1.7578125) / 4)
     uniform = np.full((3, 10), 0.1)
-    assert metrics.brier_score(uniform, np.array([0, 4, 9])) == pytest.approx(0.9)  # 1 - 1/C
+    assert measures.brier_score(uniform, np.array([0, 4, 9])) == pytest.approx(0.9)  # 1 - 1/C
     with pytest.raises(ValueError, match="class indices"):
-        metrics.brier_score(PROBS, np.array([0, 1, 2, 0]))
+        measures.brier_score(PROBS, np.array([0, 1, 2, 0]))
 
 
 def test_classification_metrics_from_logits():
     logits = np.log(PROBS)  # softmax(log p) = p
-    result = metrics.classification_metrics(logits, LABELS, n_bins=4)
+    result = measures.classification_metrics(logits, LABELS, n_bins=4)
     assert result["accuracy"] == 0.5
     assert result["nll"] == pytest.approx(-np.mean(np.log([0.875, 0.375, 0.75, 0.0625])))
-    assert result["brier"] == pytest.approx(metrics.brier_score(PROBS, LABELS))
+    assert result["brier"] == pytest.approx(measures.brier_score(PROBS, LABELS))
 
 
 def test_pixel_box_converts_pixel_epsilons_and_bounds_through_the_normalisation():
-    scale, lower, upper = metrics.pixel_box([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    scale, lower, upper = measures.pixel_box([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     assert scale.shape == (1, 3, 1, 1) and torch.all(scale == 2.0)  # 1/255 in pixels is 2/255 normalised
     assert torch.all(lower == -1.0) and torch.all(upper == 1.0)
-    scale, lower, upper = metrics.pixel_box([0.25], [0.5])
+    scale, lower, upper = measures.pixel_box([0.25], [0.5])
     assert lower.item() == -0.5 and upper.item() == 1.5
     with pytest.raises(ValueError, match="std > 0"):
-        metrics.pixel_box([0.5], [0.0])
+        measures.pixel_box([0.5], [0.0])
 
 
 def _linear(inputs):
@@ -82,34 +82,34 @@ def _linear(inputs):
 def test_pgd_steps_by_the_gradient_sign_and_projects_on_ball_and_box():
     clean, label = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
     # Three steps of 0.04 along (-1, +1) = (0.38, 0.62); the ball of radius 0.1 clips to (0.4, 0.6).
-    adversarial = metrics.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 1.0)
+    adversarial = measures.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 1.0)
     assert torch.allclose(adversarial, torch.tensor([[0.4, 0.6]]))
     # The valid box [0, 0.55] clips the second coordinate further.
-    adversarial = metrics.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 0.55)
+    adversarial = measures.pgd_linf(_linear, clean, label, 0.1, 3, 0.04, 0.0, 0.55)
     assert torch.allclose(adversarial, torch.tensor([[0.4, 0.55]]))
-    assert torch.equal(metrics.pgd_linf(_linear, clean, label, 0.1, 0, 0.04, 0.0, 1.0), clean)
+    assert torch.equal(measures.pgd_linf(_linear, clean, label, 0.1, 0, 0.04, 0.0, 1.0), clean)
 
 
 def test_pgd_accuracy_flips_a_prediction_only_when_epsilon_allows():
     clean, label = torch.tensor([[0.6, 0.5]]), torch.tensor([0])  # margin w . x = 0.1: right
     # eps 0.02 moves the margin by at most 0.04: still right. eps 0.1 reaches (0.5, 0.6), margin -0.1: wrong.
-    assert metrics.pgd_accuracy(_linear, clean, label, 0.02, 10, 0.0, 1.0) == 1.0
-    assert metrics.pgd_accuracy(_linear, clean, label, 0.1, 10, 0.0, 1.0) == 0.0
+    assert measures.pgd_accuracy(_linear, clean, label, 0.02, 10, 0.0, 1.0) == 1.0
+    assert measures.pgd_accuracy(_linear, clean, label, 0.1, 10, 0.0, 1.0) == 0.0
 
 
 def test_attention_entropy_hand_computed():
     uniform = torch.full((1, 1, 1, 4), 0.25)
     one_hot = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
     half = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, 1, 1, 4)
-    assert metrics.attention_entropy(uniform) == pytest.approx(math.log(4))
-    assert metrics.attention_entropy(one_hot) == 0.0
+    assert measures.attention_entropy(uniform) == pytest.approx(math.log(4))
+    assert measures.attention_entropy(one_hot) == 0.0
     rows = torch.cat([uniform, one_hot, half], dim=2)  # [1, 1, 3, 4]: the mean of the three rows
-    assert metrics.attention_entropy(rows) == pytest.approx((math.log(4) + math.log(2)) / 3)
+    assert measures.attention_entropy(rows) == pytest.approx((math.log(4) + math.log(2)) / 3)
     # A padded query (key_mask 0 at its position) leaves the mean: only the uniform and the one-hot row count.
     three = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).view(1, 1, 3, 3)
-    assert metrics.attention_entropy(three, key_mask=torch.tensor([[1, 1, 0]])) == pytest.approx(math.log(3) / 2)
+    assert measures.attention_entropy(three, key_mask=torch.tensor([[1, 1, 0]])) == pytest.approx(math.log(3) / 2)
     with pytest.raises(ValueError, match="batch, heads, queries, keys"):
-        metrics.attention_entropy(torch.ones(4, 4))
+        measures.attention_entropy(torch.ones(4, 4))
 
 
 # ----------------------------------------------------------------------------------------------------- runner
@@ -299,11 +299,10 @@ def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path):
         training = recipe.AttentionDropSeq2SeqTrainingArguments
     for row in protocol["rows"]:
         argv = run.recipe_argv(protocol, row, 0, data, str(tmp_path / "out"), "cpu")
-        model_args, _, attentiondrop, training_args = parse_arguments(
-            (*classes, recipe.AttentionDropConfig, training), argv
-        )
+        model_args, _, training_args, attentiondrop = parse_arguments((*classes, training), argv)
         assert model_args.use_attentiondrop == row.get("args", {}).get("use_attentiondrop", True)
         assert training_args.consistency_weight == row.get("args", {}).get("consistency_weight", 0.0)
         assert training_args.eval_strategy == "no" and not training_args.load_best_model_at_end
         if model_args.use_attentiondrop:
-            assert attentiondrop.variant == row["args"]["variant"] and attentiondrop.p == 0.1  # package defaults
+            assert attentiondrop.variant == row["args"]["variant"]
+            assert attentiondrop.options == type(attentiondrop.options)()  # the package defaults

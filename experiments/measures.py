@@ -3,7 +3,7 @@ bins, accuracy under an L-infinity PGD attack in pixel space, and the entropy of
 
 Pure functions of arrays and tensors (no files, no Trainer), each tested against a small hand-computed case in
 `tests/test_experiments.py`. ECE uses the same upper-inclusive equal-width bins as the recipe's local "calibration"
-metric (`attentiondrop_hf/metrics/calibration`), so the two agree on the same logits.
+metric (`recipes/metrics/calibration`), so the two agree on the same logits.
 """
 
 from collections.abc import Callable, Sequence
