@@ -11,13 +11,18 @@ __version__ = "0.2.0"
 from . import variants  # noqa: E402,F401  (registers the built-in variants)
 from .config import AttentionDropConfig  # noqa: E402
 from .hf.attention import ATTN_IMPLEMENTATION, force_reference_path, register  # noqa: E402
+from .hf.callbacks import (  # noqa: E402
+    AttentionDropMonitorCallback,
+    AttentionDropScheduleCallback,
+    add_attentiondrop_callbacks,
+)
 from .hf.switch import check_attentiondrop, disable_attentiondrop, enable_attentiondrop  # noqa: E402
 from .hf.trainer import (  # noqa: E402
+    AttentionDropArguments,
     AttentionDropSeq2SeqTrainer,
     AttentionDropSeq2SeqTrainingArguments,
     AttentionDropTrainer,
     AttentionDropTrainingArguments,
-    ConsistencyArguments,
     ConsistencyMixin,
 )
 from .variants import AttentionDropVariant, PerturbedCall, register_variant  # noqa: E402
@@ -26,15 +31,18 @@ register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "AttentionDropArguments",
     "AttentionDropConfig",
+    "AttentionDropMonitorCallback",
+    "AttentionDropScheduleCallback",
     "AttentionDropSeq2SeqTrainer",
     "AttentionDropSeq2SeqTrainingArguments",
     "AttentionDropTrainer",
     "AttentionDropTrainingArguments",
     "AttentionDropVariant",
-    "ConsistencyArguments",
     "ConsistencyMixin",
     "PerturbedCall",
+    "add_attentiondrop_callbacks",
     "check_attentiondrop",
     "disable_attentiondrop",
     "enable_attentiondrop",

@@ -13,8 +13,9 @@ from typing import Any, Literal
 from packaging.version import Version
 
 from . import __version__
+from .ops.schedules import DEPTH_RULES, SCHEDULES
 from .variants import get_variant, registered_variants
-from .variants.base import is_int, reserve_option_names
+from .variants.base import is_int, is_number, reserve_option_names
 
 __all__ = ["BASE_IMPLEMENTATIONS", "ROLES", "VERSION_KEY", "AttentionDropConfig"]
 
@@ -52,6 +53,23 @@ class AttentionDropConfig:
         default="sdpa",
         metadata={"help": "Implementation run when nothing is perturbed (eval, untargeted roles and layers)."},
     )
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant",
+        metadata={
+            "help": "Strength over training: 'constant', or a 'linear' / 'cosine' warm-up from 0 to full over the "
+            "first `schedule_warmup` of the steps (driven by the trainer's AttentionDropScheduleCallback)."
+        },
+    )
+    schedule_warmup: float = field(
+        default=0.1, metadata={"help": "Fraction of the training steps the strength warm-up takes, in (0, 1]."}
+    )
+    depth_rule: Literal["uniform", "increasing", "decreasing"] = field(
+        default="uniform",
+        metadata={
+            "help": "Strength by layer: 'uniform'; 'increasing', (l + 1) / L (deeper layers more, like drop-path); "
+            "'decreasing', (L - l) / L (like DropKey)."
+        },
+    )
     options: Any = field(
         default=None, init=False, metadata={"help": "The chosen variant's own options (its `options_class`)."}
     )
@@ -68,8 +86,24 @@ class AttentionDropConfig:
                 f"`base_attn_implementation` must be one of {list(BASE_IMPLEMENTATIONS)}, "
                 f"got {self.base_attn_implementation!r}"
             )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not is_number(self.schedule_warmup) or not 0.0 < self.schedule_warmup <= 1.0:
+            raise ValueError(f"`schedule_warmup` must be in (0, 1], got {self.schedule_warmup!r}")
+        if self.depth_rule not in DEPTH_RULES:
+            raise ValueError(f"`depth_rule` must be one of {list(DEPTH_RULES)}, got {self.depth_rule!r}")
         self.options = _build_options(variant, options, flags)
+        if self.varies_strength and variant.scaled(self.options, 1.0) is None:
+            raise ValueError(
+                f"variant {self.variant!r} has no strength to schedule: use schedule='constant' and "
+                "depth_rule='uniform'"
+            )
         variant.validate(self)
+
+    @property
+    def varies_strength(self) -> bool:
+        """Whether the strength changes over training or by depth (the variant's options are then scaled)."""
+        return self.schedule != "constant" or self.depth_rule != "uniform"
 
     def targets_role(self, role: str, decoder_only_stack: bool) -> bool:
         """Whether attention calls of `role` are perturbed. With `targets` unset: bidirectional self-attention,

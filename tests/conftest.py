@@ -14,7 +14,9 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 import attentiondrop_hf  # noqa: E402,F401
 from attentiondrop_hf.variants import registered_variants  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads on this project's 2-core machines; OMP_NUM_THREADS=1 when other jobs share the cores (threads that
+# fight another process's run several times slower).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 
 @pytest.fixture(autouse=True)

@@ -129,6 +129,10 @@ def test_vit_recipe_on_an_image_folder_and_its_card(tmp_path):
     )
     text, metadata = read_card(output_dir)
     assert metadata["tags"][:2] == ["attentiondrop", "attentiondrop-blur"]
+    indexed = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert indexed == pytest.approx(
+        {k[len("eval_") :]: results[k] for k in ("eval_accuracy", "eval_ece", "eval_nll", "eval_loss")}
+    )
     assert "## Model description\n\nThis checkpoint was trained with **AttentionDrop**" in text
     assert "**Blurred Attention Smoothing**" in text and "| `blur_sigma_max` | `2.0` |" in text
     assert "1.0 × KL(p1 ‖ p2) (the paper's direction)" in text

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_common import CASES_BY_ID, build, build_peaked, cases, image_batch
+from testing_common import CASES_BY_ID, QUIET_TRAINING, ListDataset, build, build_peaked, cases, collate, image_batch
 from transformers import (
     BeitConfig,
     BeitForSemanticSegmentation,
@@ -33,21 +33,6 @@ from attentiondrop_hf import (
 from attentiondrop_hf.hf.model_card import training_curves_figure
 
 LAMBDA = 0.7
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
-def collate(rows):
-    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def vit_model(**flags):
@@ -76,10 +61,7 @@ def is_seq2seq(case):
 def make_args(tmp_path, seq2seq=False, **overrides):
     kwargs = {
         "output_dir": str(tmp_path),
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "save_strategy": "no",
+        **QUIET_TRAINING,
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
         "consistency_weight": LAMBDA,
@@ -102,7 +84,7 @@ def make_trainer(model, tmp_path, rows=None, seq2seq=False, **overrides):
 
 
 def stock_trainer(model, tmp_path, seq2seq=False, **overrides):
-    kwargs = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": [], "disable_tqdm": True, **overrides}
+    kwargs = {"output_dir": str(tmp_path), **QUIET_TRAINING, **overrides}
     if seq2seq:
         return Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**kwargs), data_collator=collate)
     return Trainer(model=model, args=TrainingArguments(**kwargs), data_collator=collate)
@@ -518,3 +500,28 @@ def test_two_processes_equal_one_process(tmp_path):
     multi_weights = torch.load(tmp_path / "multi" / "weights.pt")
     for name, tensor in single_weights.items():
         torch.testing.assert_close(multi_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_card_metadata_round_trips_through_huggingface_hub(tmp_path):
+    """The card's metadata: AttentionDrop tags, the base model, the dataset and every metric in `model-index` form,
+    read back by huggingface_hub's own card classes (offline)."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    trainer = make_trainer(vit_model(), tmp_path, vit_rows(8), max_steps=2, logging_steps=1)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.create_model_card(
+        finetuned_from="google/vit-base-patch16-224-in21k", tasks="image-classification", dataset="cifar10"
+    )
+    card = ModelCard.load(tmp_path / "README.md")
+    assert ModelCard(card.content).data.to_dict() == card.data.to_dict()  # YAML round trip
+    data = card.data
+    assert data.base_model == "google/vit-base-patch16-224-in21k" and data.datasets == ["cifar10"]
+    assert {"attentiondrop", "attentiondrop-hard"} <= set(data.tags) and data.library_name == "transformers"
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert name == data.model_name
+    got = {result.metric_type: result.metric_value for result in results}
+    assert got == pytest.approx({"loss": metrics["eval_loss"]})
+    assert {(r.task_type, r.dataset_type) for r in results} == {("image-classification", "cifar10")}
+    assert "This checkpoint was trained with **AttentionDrop**" in card.text

@@ -118,6 +118,27 @@ def seq2seq_labels(batch, target_len=6, seed=0):
     return labels
 
 
+# ---- trainer helpers ---------------------------------------------------------------------------------------------
+
+# TrainingArguments for tests: on the CPU, quiet, nothing saved unless a test asks.
+QUIET_TRAINING = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "save_strategy": "no"}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def collate(rows):
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
 # ---- the table ---------------------------------------------------------------------------------------------------
 
 

@@ -22,8 +22,19 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import AttentionDropConfig
-from ..ops import attendable_keys, chunked_logit_space_attention, logit_space_attention, rows_of
+from ..ops import (
+    attendable_keys,
+    attention_entropy,
+    attention_logits,
+    chunked_logit_space_attention,
+    depth_factor,
+    logit_space_attention,
+    masked_softmax,
+    rows_of,
+    schedule_factor,
+)
 from ..variants import PerturbedCall, get_variant
+from ..variants.base import MonitoredLogits
 from .flags import base_implementation_of, install_config_attribute, settings_of
 from .sites import attention_role, config_roles, decoder_only_stack, site_of
 
@@ -33,6 +44,7 @@ __all__ = [
     "attentiondrop_mask",
     "force_reference_path",
     "generic_eager_attention",
+    "monitor_attention",
     "register",
 ]
 
@@ -44,6 +56,7 @@ BLOCKED_LOGITS_MIN_KEYS = 1024
 SINK_ARGUMENTS = ("s_aux", "sinks")
 
 _force_reference = os.environ.get("ATTENTIONDROP_REFERENCE", "0") == "1"
+_monitor_records: list | None = None
 
 
 @contextlib.contextmanager
@@ -58,6 +71,22 @@ def force_reference_path(enabled: bool = True):
         yield
     finally:
         _force_reference = previous
+
+
+@contextlib.contextmanager
+def monitor_attention():
+    """Record, for every perturbed call inside the block, its role and layer, the attention entropy before and after
+    the perturbation, and the variant's own `monitor` terms (one dict per call, in the list it yields).
+
+    For `AttentionDropMonitorCallback`, on a small batch without gradients: each call also computes its logits in
+    logit space. Outside the block a perturbed call pays one check of a module-level `None`.
+    """
+    global _monitor_records
+    previous, _monitor_records = _monitor_records, []
+    try:
+        yield _monitor_records
+    finally:
+        _monitor_records = previous
 
 
 @functools.cache
@@ -106,15 +135,16 @@ def attentiondrop_attention_forward(
     settings = settings_of(module.config)
     variant = get_variant(settings.variant)
     role = None if variant.is_identity(settings.options) else _targeted_role(module, settings)
-    if role is None:
+    options = _options_in_force(module, settings, variant) if role is not None and settings.varies_strength else None
+    if role is None or (options is not None and variant.is_identity(options)):
         return base(module, query, key, value, attention_mask, **kwargs)
     if sinks := [name for name in SINK_ARGUMENTS if kwargs.get(name) is not None]:
         raise NotImplementedError(
             f"AttentionDrop cannot perturb attention with sinks (`{sinks[0]}`, {type(module).__name__}); "
             "leave this role out of `targets`"
         )
-    causal = role == "causal"
-    return _perturbed_attention(module, query, key, value, attention_mask, settings, variant, causal, base, kwargs)
+    options = settings.options if options is None else options
+    return _perturbed_attention(module, query, key, value, attention_mask, options, variant, role, base, kwargs)
 
 
 def _targeted_role(module: torch.nn.Module, settings: AttentionDropConfig) -> str | None:
@@ -138,6 +168,30 @@ def _targeted_role(module: torch.nn.Module, settings: AttentionDropConfig) -> st
     return role if targeted else None
 
 
+def _options_in_force(module: torch.nn.Module, settings: AttentionDropConfig, variant):
+    """The variant's options scaled by the strength `schedule` at this point of training and the `depth_rule` at
+    this layer; built once per strength factor and training step."""
+    flags = module.config.__dict__["attentiondrop"]
+    if settings.schedule != "constant" and flags.progress is None:
+        raise ValueError(
+            f"AttentionDrop `schedule={settings.schedule!r}` follows the training step, which nothing reported: train "
+            "with AttentionDropTrainer, or add attentiondrop_hf.AttentionDropScheduleCallback to your trainer"
+        )
+    site = site_of(module)
+    if settings.depth_rule != "uniform" and site is None:
+        raise ValueError(
+            f"AttentionDrop `depth_rule={settings.depth_rule!r}` needs the layers of {type(module).__name__}, which "
+            "were never resolved: call attentiondrop_hf.enable_attentiondrop(model) on the loaded model "
+            "(AttentionDropTrainer does this for you)"
+        )
+    factor = schedule_factor(settings.schedule, settings.schedule_warmup, flags.progress or 0.0)
+    if site is not None:
+        factor *= depth_factor(settings.depth_rule, site.layer, site.depth)
+    if factor not in flags.scaled_options:
+        flags.scaled_options[factor] = variant.scaled(settings.options, factor)
+    return flags.scaled_options[factor]
+
+
 def _check_config_has_targets(module: torch.nn.Module, settings: AttentionDropConfig, role: str) -> None:
     """A model loaded with the flags and trained without the switch or the trainer: raise at its first training
     forward when no attention of this config can ever be perturbed (a silent no-op otherwise)."""
@@ -150,7 +204,7 @@ def _check_config_has_targets(module: torch.nn.Module, settings: AttentionDropCo
         )
 
 
-def _perturbed_attention(module, query, key, value, attention_mask, settings, variant, causal, base, kwargs):
+def _perturbed_attention(module, query, key, value, attention_mask, options, variant, role, base, kwargs):
     """The training-time path: the variant's fast path where it applies, else its logit-space reference."""
     query_len, key_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
@@ -165,34 +219,56 @@ def _perturbed_attention(module, query, key, value, attention_mask, settings, va
         key=key,
         value=value,
         attendable=attendable,
-        causal=causal,
+        causal=role == "causal",
         config=module.config,
         has_logit_terms=position_bias is not None or softcap is not None or has_mask_bias,
         run_base=lambda q, k, v: base(module, q, k, v, attention_mask, **kwargs),
     )
-    call.draws = variant.sample(settings.options, call)
+    call.draws = variant.sample(options, call)
     output_attentions = bool(kwargs.get("output_attentions", False))
+    logit_terms = {"bias": bias if has_mask_bias else None, "position_bias": position_bias, "softcap": softcap}
+    if _monitor_records is not None:
+        _record(module, role, call, options, variant, kwargs.get("scaling"), logit_terms)
 
     if variant.attend_fast is not None and not _force_reference and not output_attentions:
-        if (result := variant.attend_fast(call, settings.options)) is not None:
+        if (result := variant.attend_fast(call, options)) is not None:
             return result
 
     def perturb(logits, attendable, rows):
         row_draws = {name: rows_of(d, rows) if d.dim() == 4 else d for name, d in call.draws.items()}
-        return variant.perturb_logits(logits, attendable, settings.options, row_draws, call)
+        return variant.perturb_logits(logits, attendable, options, row_draws, call)
 
     attention_kwargs = {
-        "bias": bias if has_mask_bias else None,
+        **logit_terms,
         "scaling": kwargs.get("scaling"),
         "dropout": kwargs.get("dropout", 0.0),
-        "position_bias": position_bias,
-        "softcap": softcap,
         "perturb": perturb,
     }
     if key_len >= BLOCKED_LOGITS_MIN_KEYS and not _force_reference and not output_attentions:
         rows_per_block = max(1, query_len * query.shape[-1] // (2 * key_len))
         return chunked_logit_space_attention(query, key, value, attendable, rows_per_block, **attention_kwargs), None
     return logit_space_attention(query, key, value, attendable, **attention_kwargs)
+
+
+def _record(module, role, call, options, variant, scaling, logit_terms) -> None:
+    """`monitor_attention`'s record of one call: the logits before and after the perturbation, in logit space."""
+    site = site_of(module)
+    with torch.no_grad():
+        logits = attention_logits(call.query, call.key, scaling, **logit_terms)
+        clean = MonitoredLogits(logits, call.attendable, masked_softmax(logits, call.attendable))
+        perturbed_logits, perturbed_attendable = variant.perturb_logits(
+            logits, call.attendable, options, call.draws, call
+        )
+        probs = masked_softmax(perturbed_logits, perturbed_attendable)
+        perturbed = MonitoredLogits(perturbed_logits, perturbed_attendable, probs)
+        record = {
+            "role": role,
+            "layer": None if site is None else site.layer,
+            "entropy_clean": attention_entropy(clean.probs, clean.attendable),
+            "entropy_perturbed": attention_entropy(perturbed.probs, call.attendable),
+            **variant.monitor(options, call.draws, clean, perturbed),
+        }
+    _monitor_records.append({k: v.item() if torch.is_tensor(v) else v for k, v in record.items()})
 
 
 def attentiondrop_mask(*args, **kwargs):

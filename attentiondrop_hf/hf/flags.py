@@ -21,7 +21,7 @@ from transformers import PreTrainedConfig
 from ..config import BASE_IMPLEMENTATIONS, AttentionDropConfig
 from ..variants import UnknownVariantError
 
-__all__ = ["AttentionDropFlags", "base_implementation_of", "install_config_attribute", "settings_of"]
+__all__ = ["AttentionDropFlags", "base_implementation_of", "install_config_attribute", "set_progress", "settings_of"]
 
 
 class AttentionDropFlags(dict):
@@ -32,11 +32,15 @@ class AttentionDropFlags(dict):
             process has not registered (see `settings_of`).
         in_composite (`bool`): set on a sub-config by its composite parent; such a config's modules are only part of
             the model, so whether the targets match anything is checked on the whole model, not per config.
+        progress (`float` or `None`): the fraction of the training steps done, set by
+            `AttentionDropScheduleCallback` (`set_progress`) for a strength `schedule`; never saved.
+        scaled_options (`dict`): the variant's options at each strength factor in use at this progress.
     """
 
     def __init__(self, flags: dict[str, Any], in_composite: bool = False):
         super().__init__()
         self.in_composite = in_composite
+        self.progress, self.scaled_options = None, {}
         self._assign(dict(flags))
 
     def _assign(self, flags: dict[str, Any]) -> None:
@@ -48,7 +52,7 @@ class AttentionDropFlags(dict):
             flags = settings.to_dict()
         dict.clear(self)
         dict.update(self, flags)
-        self.settings = settings
+        self.settings, self.scaled_options = settings, {}
 
     # Every change validates the changed copy first: an invalid edit raises and leaves the flags as they were.
     def __setitem__(self, key, value):
@@ -99,6 +103,7 @@ class AttentionDropFlags(dict):
         duplicate = AttentionDropFlags.__new__(AttentionDropFlags)
         dict.update(duplicate, items)
         duplicate.settings, duplicate.in_composite = self.settings, self.in_composite
+        duplicate.progress, duplicate.scaled_options = self.progress, {}
         return duplicate
 
     def __reduce__(self):
@@ -124,6 +129,13 @@ def settings_of(config: PreTrainedConfig) -> AttentionDropConfig:
         if flags.settings is None:
             AttentionDropConfig.from_dict(flags)  # raises the UnknownVariantError that names what is registered
     return flags.settings
+
+
+def set_progress(config: PreTrainedConfig, progress: float) -> None:
+    """Record how far training is (the fraction of steps done), for the strength `schedule` of the config's flags."""
+    flags = config.__dict__.get("attentiondrop")
+    if flags is not None and flags.progress != progress:
+        flags.progress, flags.scaled_options = progress, {}
 
 
 def base_implementation_of(config: PreTrainedConfig) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard
 
 from ..config import VERSION_KEY, AttentionDropConfig
 from ..variants import get_variant
@@ -34,6 +34,7 @@ ROLE_NAMES = {
 }
 CURVES_FILE = "training_curves.png"
 TEMPLATE_FILE = "attentiondrop_card_template.md"
+MONITOR_ENTROPY = "attentiondrop/entropy_clean"
 # Log entries of an evaluation that describe the run, not the model.
 _RUN_STATISTICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step")
 _STOCK_DESCRIPTION = "## Model description\n\nMore information needed\n"
@@ -69,8 +70,9 @@ def training_curves_figure(log_history: list[dict]):
     names = sorted(
         {k for entry in evaluations for k in _evaluation_metrics(entry)}, key=lambda k: (k != "eval_loss", k)
     )
-    figure = Figure(figsize=(4.2 * (1 + len(names)), 3.6))
-    axes = figure.subplots(1, 1 + len(names), squeeze=False)[0]
+    monitored = int(any(MONITOR_ENTROPY in e for e in steps))
+    figure = Figure(figsize=(4.2 * (1 + monitored + len(names)), 3.6))
+    axes = figure.subplots(1, 1 + monitored + len(names), squeeze=False)[0]
     training = axes[0]
     x = [e["step"] for e in steps]
     for key, label in (("loss", "loss"), ("task_loss", "task loss")):
@@ -83,12 +85,29 @@ def training_curves_figure(log_history: list[dict]):
         kl_axis.plot(x, [e["consistency_loss"] for e in steps], color="tab:red", label="consistency KL")
         kl_axis.set_ylabel("consistency KL", color="tab:red")
         kl_axis.legend(loc="upper center")
-    for axis, name in zip(axes[1:], names):
+    for axis, name in zip(axes[1 + monitored :], names):
         points = [(e["step"], e[name]) for e in evaluations if name in e]
         axis.plot([p[0] for p in points], [p[1] for p in points], "o-")
         axis.set(xlabel="step", title=name[len("eval_") :])
+    if monitored:
+        _plot_monitor(axes[1], [e for e in steps if MONITOR_ENTROPY in e])
     figure.tight_layout()
     return figure
+
+
+def _plot_monitor(axis, entries: list[dict]) -> None:
+    """`AttentionDropMonitorCallback`'s means: the attention entropy without and with the perturbation, and the
+    variant's own term (dropped mass, sigma) on an axis of its own."""
+    x = [e["step"] for e in entries]
+    for key, label in ((MONITOR_ENTROPY, "entropy, unperturbed"), ("attentiondrop/entropy_perturbed", "perturbed")):
+        axis.plot(x, [e.get(key, float("nan")) for e in entries], label=label)
+    axis.set(xlabel="step", ylabel="entropy (nats)", title="attention (monitor)")
+    axis.legend(loc="upper right")
+    for key, color in (("attentiondrop/dropped_mass", "tab:purple"), ("attentiondrop/sigma", "tab:green")):
+        if any(key in e for e in entries):
+            other = axis.twinx()
+            other.plot(x, [e.get(key, float("nan")) for e in entries], color=color, label=key.split("/")[1])
+            other.set_ylabel(key.split("/")[1], color=color)
 
 
 def plot_training_curves(log_history: list[dict], path: str) -> bool:
@@ -174,6 +193,38 @@ def attentiondrop_card_section(
     )
 
 
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _complete_metadata(card: ModelCard, kwargs: dict, metrics: dict | None, output_dir: str) -> None:
+    """The Hub metadata the stock card leaves out: the base model (a Hub id, not a local folder), the dataset, and
+    every metric of the last evaluation in `model-index` form (the stock card keeps only the metrics it knows)."""
+    data = card.data
+    base_model = kwargs.get("finetuned_from")
+    if base_model and not os.path.exists(base_model):
+        data.base_model = base_model
+    dataset, task = _first(kwargs.get("dataset")), _first(kwargs.get("tasks"))
+    if dataset and not data.datasets:
+        data.datasets = [dataset]
+    shown = _evaluation_metrics(metrics or {})
+    if not (task and shown and (dataset or data.datasets)):
+        return
+    dataset_type = _first(data.datasets) or dataset
+    data.model_name = data.model_name or os.path.basename(os.path.normpath(output_dir))
+    data.eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset_type,
+            dataset_name=dataset or dataset_type,
+            metric_type=name[len("eval_") :],
+            metric_value=float(value),
+            metric_name=name[len("eval_") :].replace("_", " "),
+        )
+        for name, value in shown.items()
+    ]
+
+
 def write_model_card(trainer, stock_create_model_card, flags, args: tuple, kwargs: dict) -> None:
     """Let the Trainer write its card, then add the AttentionDrop section, tags and training curves to it."""
     tags = kwargs.pop("tags", None)
@@ -196,6 +247,7 @@ def write_model_card(trainer, stock_create_model_card, flags, args: tuple, kwarg
     )
     path = os.path.join(output_dir, "README.md")
     card = ModelCard.load(path)
+    _complete_metadata(card, kwargs, evaluations[-1] if evaluations else None, output_dir)
     body = card.text.replace(_STOCK_EMPTY_BASE, "This model was trained from scratch on", 1)
     body = body.replace(_STOCK_DESCRIPTION, section, 1) if _STOCK_DESCRIPTION in body else f"{body}\n{section}"
     if dataset := kwargs.get("dataset"):

@@ -38,6 +38,7 @@ from transformers.utils import logging
 from ..ops import summed_cross_entropy, summed_kl
 from ..variants import get_variant
 from ._compat import reload_weights_through_from_pretrained
+from .callbacks import add_attentiondrop_callbacks
 from .flags import settings_of
 from .model_card import write_model_card
 from .sites import attention_modules
@@ -46,11 +47,11 @@ from .switch import base_model_of, check_attentiondrop
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "AttentionDropArguments",
     "AttentionDropSeq2SeqTrainer",
     "AttentionDropSeq2SeqTrainingArguments",
     "AttentionDropTrainer",
     "AttentionDropTrainingArguments",
-    "ConsistencyArguments",
     "ConsistencyMixin",
 ]
 
@@ -69,8 +70,8 @@ def _check_consistency(weight, direction) -> None:
 
 
 @dataclass
-class ConsistencyArguments:
-    """The consistency term's arguments; mix into any `TrainingArguments` subclass."""
+class AttentionDropArguments:
+    """The consistency term's and the monitor's arguments; mix into any `TrainingArguments` subclass."""
 
     consistency_weight: float = field(
         default=0.0,
@@ -83,6 +84,13 @@ class ConsistencyArguments:
         default="forward",
         metadata={"help": "'forward' = KL(p1 || p2), the paper; 'symmetric' = R-Drop's mean of both directions."},
     )
+    monitor_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "Log, with the loss, what AttentionDrop does to the attention of a fixed small batch: entropy "
+            "without and with the perturbation, dropped mass or sigma, per layer (AttentionDropMonitorCallback)."
+        },
+    )
 
     def __post_init__(self):
         _check_consistency(self.consistency_weight, self.consistency_kl)
@@ -90,12 +98,12 @@ class ConsistencyArguments:
 
 
 @dataclass
-class AttentionDropTrainingArguments(ConsistencyArguments, TrainingArguments):
+class AttentionDropTrainingArguments(AttentionDropArguments, TrainingArguments):
     """`TrainingArguments` plus `consistency_weight` and `consistency_kl`."""
 
 
 @dataclass
-class AttentionDropSeq2SeqTrainingArguments(ConsistencyArguments, Seq2SeqTrainingArguments):
+class AttentionDropSeq2SeqTrainingArguments(AttentionDropArguments, Seq2SeqTrainingArguments):
     """`Seq2SeqTrainingArguments` plus `consistency_weight` and `consistency_kl`."""
 
 
@@ -128,26 +136,39 @@ def decoder_input_ids_from_labels(model, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ConsistencyMixin:
-    """`compute_loss` with the doubled pass, and the logging of its two terms. Put it before the trainer class:
+    """`compute_loss` with the doubled pass, the logging of its two terms, and AttentionDrop's callbacks (the
+    strength schedule's; the monitor when asked). Put it before the trainer class:
     `class MyTrainer(ConsistencyMixin, Trainer)`.
 
     Args:
-        consistency_weight (`float`, *optional*), consistency_kl (`str`, *optional*): the consistency arguments,
-            for trainers whose arguments class is not `ConsistencyArguments` (e.g. TRL's configs).
+        consistency_weight (`float`, *optional*), consistency_kl (`str`, *optional*), monitor_attention (`bool`,
+            *optional*): the `AttentionDropArguments`, for trainers whose arguments class does not have them (e.g.
+            TRL's configs).
     """
 
-    def __init__(self, *args, consistency_weight: float | None = None, consistency_kl: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        consistency_weight: float | None = None,
+        consistency_kl: str | None = None,
+        monitor_attention: bool | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        if isinstance(self.args, ConsistencyArguments):
-            if consistency_weight is not None or consistency_kl is not None:
-                raise ValueError("consistency_weight / consistency_kl are set in the training arguments already")
+        if isinstance(self.args, AttentionDropArguments):
+            if consistency_weight is not None or consistency_kl is not None or monitor_attention is not None:
+                raise ValueError(
+                    "consistency_weight / consistency_kl / monitor_attention are set in the training arguments already"
+                )
             consistency_weight, consistency_kl = self.args.consistency_weight, self.args.consistency_kl
+            monitor_attention = self.args.monitor_attention
         elif consistency_weight is None:
             raise TypeError(
                 f"{type(self).__name__} needs AttentionDropTrainingArguments / AttentionDropSeq2SeqTrainingArguments "
                 f"(got {type(self.args).__name__}), or consistency_weight=... passed to the trainer"
             )
         consistency_kl = consistency_kl or "forward"
+        monitor_attention = bool(monitor_attention)
         _check_consistency(consistency_weight, consistency_kl)
         self.consistency_weight, self.consistency_kl = float(consistency_weight), consistency_kl
 
@@ -161,6 +182,12 @@ class ConsistencyMixin:
         self._log_window = 1
         if self.consistency_weight > 0:
             self._warn_about_the_copies(model)
+        add_attentiondrop_callbacks(self, monitor=bool(monitor_attention))
+        if self._attentiondrop_on and self.args.torch_compile and _varies_strength(model):
+            logger.warning(
+                "a strength schedule or depth rule changes AttentionDrop's options between steps or layers: "
+                "torch.compile traces them as constants and recompiles when they change"
+            )
 
     def _warn_about_the_copies(self, model) -> None:
         if not self._attentiondrop_on:
@@ -328,6 +355,10 @@ class ConsistencyMixin:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if not reload_weights_through_from_pretrained(self.model, self.state.best_model_checkpoint, sharded):
             super()._load_best_model()
+
+
+def _varies_strength(model) -> bool:
+    return any(settings_of(m.config).varies_strength for m in attention_modules(model).values())
 
 
 def _logits_of(outputs) -> torch.Tensor:

@@ -20,7 +20,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .masks import masked_softmax
 
-__all__ = ["chunked_logit_space_attention", "logit_space_attention", "repeat_kv", "rows_of"]
+__all__ = [
+    "attention_entropy",
+    "attention_logits",
+    "chunked_logit_space_attention",
+    "logit_space_attention",
+    "repeat_kv",
+    "rows_of",
+]
 
 # perturb(logits [B, H, q, K] float32, attendable, rows) -> (logits, attendable); `rows` are the query rows.
 Perturbation = Callable[[torch.Tensor, torch.Tensor | None, slice], tuple[torch.Tensor, torch.Tensor | None]]
@@ -43,6 +50,37 @@ def rows_of(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     if tensor is None or tensor.shape[2] == 1:
         return tensor
     return tensor[:, :, rows]
+
+
+def attention_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float | None = None,
+    bias: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The float32 logits `[B, H, Q, K]` a variant perturbs: `Q Kᵀ · scale`, softcapped, plus the position bias and
+    the finite part of a float mask (arguments as in `logit_space_attention`; keys `[B, H_kv, K, D]`)."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [B, H, Q, K]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if position_bias is not None:
+        logits = logits + position_bias
+    if bias is not None:
+        logits = logits + bias
+    return logits
+
+
+def attention_entropy(probs: torch.Tensor, attendable: torch.Tensor | None) -> torch.Tensor:
+    """Mean entropy (nats) of the attention rows `[B, H, Q, K]` that have a key to attend to."""
+    entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
+    if attendable is None:
+        return entropy.mean()
+    rows = attendable.expand_as(probs).any(-1)
+    return entropy[rows].mean()
 
 
 def logit_space_attention(
@@ -76,17 +114,8 @@ def logit_space_attention(
     Returns:
         `output` of shape `[B, Q, H, D]` (contiguous) and the attention probabilities `[B, H, Q, K]`.
     """
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    repeats = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
-
-    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [B, H, Q, K]
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    if position_bias is not None:
-        logits = logits + position_bias
-    if bias is not None:
-        logits = logits + bias
+    logits = attention_logits(query, key, scaling, bias, position_bias, softcap)
+    value = repeat_kv(value, query.shape[1] // value.shape[1])
     if perturb is not None:
         logits, attendable = perturb(logits, attendable, rows)
     probs = masked_softmax(logits, attendable).to(query.dtype)

@@ -2,7 +2,7 @@
 
 Each logit row is convolved along the key axis with a Gaussian kernel g[t] ∝ exp(-t² / 2σ²) of odd width w.
 
-Decisions beyond the paper (see DESIGN §1):
+Decisions beyond the paper:
 - Neighbours outside the sequence or not attendable by the row (padding) are left out and the kernel is
   renormalised over the rest, so a constant row stays constant and padding never leaks into real keys.
 - In causal self-attention the kernel is one-sided (taps t = -(w-1)/2 … 0): no query sees a future key.

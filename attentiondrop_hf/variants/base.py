@@ -28,6 +28,7 @@ Option names share one namespace with the common flags (`config.attentiondrop` i
 refuses an option name that another variant or the common flags already use.
 """
 
+import copy
 import dataclasses
 import math
 import re
@@ -39,6 +40,7 @@ import torch
 
 __all__ = [
     "AttentionDropVariant",
+    "MonitoredLogits",
     "NoOptions",
     "PerturbedCall",
     "UnknownVariantError",
@@ -48,6 +50,7 @@ __all__ = [
     "register_variant",
     "registered_variants",
     "reserve_option_names",
+    "with_values",
 ]
 
 _VARIANTS: dict[str, type["AttentionDropVariant"]] = {}
@@ -118,6 +121,10 @@ class AttentionDropVariant:
             does not apply and the reference runs instead.
         is_identity: True for options under which the variant changes nothing (the call then goes to the base).
         validate: checks that involve the common flags (e.g. which attention roles the variant can act on).
+        scaled: the options at a fraction of the variant's strength, for schedules and depth rules (`with_values`
+            builds them); `None`, the default, for a variant with no strength to scale.
+        monitor: what `AttentionDropMonitorCallback` logs about a perturbed call besides the attention entropies
+            (e.g. the attention mass hard masking removed, the sigma a blur drew).
         describe: the Markdown sentence a model card prints about the variant and its options.
         consistency_caveat: a warning for the consistency trainer, or `None`.
     """
@@ -149,6 +156,15 @@ class AttentionDropVariant:
         """Perturb float32 logits `[B, H, q, K]`; return `(logits, attendable)` (a variant may remove keys)."""
         raise NotImplementedError
 
+    @staticmethod
+    def scaled(options, factor: float):
+        return None
+
+    @staticmethod
+    def monitor(options, draws, clean, perturbed) -> dict[str, torch.Tensor]:
+        """Scalars about one perturbed call, from its draws and its `MonitoredLogits` before and after."""
+        return {}
+
     @classmethod
     def describe(cls, options) -> str:
         return f"the user-registered variant `{cls.name}`."
@@ -156,6 +172,24 @@ class AttentionDropVariant:
     @staticmethod
     def consistency_caveat(options) -> str | None:
         return None
+
+
+@dataclass
+class MonitoredLogits:
+    """Logits `[B, H, Q, K]` (float32), the keys each row may attend to, and the attention they give."""
+
+    logits: torch.Tensor
+    attendable: torch.Tensor | None
+    probs: torch.Tensor
+
+
+def with_values(options, **values):
+    """A copy of validated options with some values changed, without validating again (for `scaled`: values derived
+    from validated ones, built once per schedule step)."""
+    changed = copy.copy(options)
+    for name, value in values.items():
+        setattr(changed, name, value)
+    return changed
 
 
 def _option_fields(cls: type) -> list[dataclasses.Field]:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..ops.blur import blur_keys, blur_logits, blur_offsets, blur_taps, key_validity
 from ..ops.sampling import draw_blur_sigma
-from .base import AttentionDropVariant, is_int, is_number, register_variant
+from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
 
 __all__ = ["BlurOptions", "BlurredAttentionSmoothing"]
 
@@ -83,6 +83,15 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
         offsets = blur_offsets(options.blur_width, call.causal)
         blurred = blur_keys(call.key, valid, blur_taps(call.draws["sigma"], offsets), offsets)
         return call.run_base(call.query, blurred, call.value)
+
+    @staticmethod
+    def scaled(options, factor):
+        sigma_max = options.blur_sigma_max * factor
+        return with_values(options, blur_sigma_max=sigma_max, blur_sigma_min=min(options.blur_sigma_min, sigma_max))
+
+    @staticmethod
+    def monitor(options, draws, clean, perturbed):
+        return {"sigma": draws["sigma"].mean()}
 
     @staticmethod
     def describe(options):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..ops.blur2d import blur2d_keys, blur2d_logits, blur2d_taps, patch_grid
 from ..ops.sampling import draw_blur_sigma
-from .base import AttentionDropVariant, is_int, is_number, register_variant
+from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
 
 __all__ = ["Blur2dOptions", "BlurredAttentionSmoothing2d"]
 
@@ -126,6 +126,17 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
         prefix, grid = _grid_of(options, call)
         taps = blur2d_taps(call.draws["sigma"], options.blur2d_width)
         return call.run_base(call.query, blur2d_keys(call.key, taps, prefix, grid), call.value)
+
+    @staticmethod
+    def scaled(options, factor):
+        sigma_max = options.blur2d_sigma_max * factor
+        return with_values(
+            options, blur2d_sigma_max=sigma_max, blur2d_sigma_min=min(options.blur2d_sigma_min, sigma_max)
+        )
+
+    @staticmethod
+    def monitor(options, draws, clean, perturbed):
+        return {"sigma": draws["sigma"].mean()}
 
     @staticmethod
     def describe(options):

@@ -10,7 +10,7 @@ from typing import Literal
 
 from ..ops.hard import apply_hard_drop, hard_drop_pattern
 from ..ops.sampling import draw_slot_uniforms
-from .base import AttentionDropVariant, is_int, is_number, register_variant
+from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
 
 __all__ = ["HardAttentionMasking", "HardOptions"]
 
@@ -63,6 +63,19 @@ class HardAttentionMasking(AttentionDropVariant):
     def perturb_logits(logits, attendable, options, draws, call):
         dropped = hard_drop_pattern(logits, attendable, options.top_k, options.p, draws["slot_uniforms"])
         return apply_hard_drop(logits, attendable, dropped, options.hard_fill)
+
+    @staticmethod
+    def scaled(options, factor):
+        return with_values(options, p=options.p * factor)
+
+    @staticmethod
+    def monitor(options, draws, clean, perturbed):
+        # The attention mass, before the perturbation, of the keys it dropped (replaced or removed), per row.
+        dropped = perturbed.logits != clean.logits
+        if perturbed.attendable is not None:  # hard_fill="mask" removed keys
+            removed = ~perturbed.attendable if clean.attendable is None else clean.attendable & ~perturbed.attendable
+            dropped = dropped | removed
+        return {"dropped_mass": (clean.probs * dropped).sum(-1).mean()}
 
     @staticmethod
     def describe(options):

@@ -1,0 +1,135 @@
+"""Trainer callbacks: the strength schedule's clock, and an opt-in view of what the perturbation does.
+
+Both work with any `Trainer` (TRL's included); `AttentionDropTrainer` installs the schedule callback itself, and
+the monitor with `monitor_attention=True`. Install them in front of the reporting callbacks, so that what they add to
+a log is printed and reported with it: `add_attentiondrop_callbacks(trainer, monitor=True)`.
+"""
+
+from collections import defaultdict
+
+import torch
+from transformers import TrainerCallback
+
+from ..ops import schedule_factor
+from ..variants import get_variant
+from .flags import set_progress, settings_of
+from .sites import attention_modules
+from .switch import base_model_of
+
+__all__ = ["AttentionDropMonitorCallback", "AttentionDropScheduleCallback", "add_attentiondrop_callbacks"]
+
+
+def _attention_configs(model) -> list:
+    configs = []
+    for module in attention_modules(base_model_of(model)).values():
+        if not any(module.config is known for known in configs):
+            configs.append(module.config)
+    return configs
+
+
+def _add_to_log(state, logs: dict, values: dict) -> None:
+    """Into the log being written and the history the Trainer already appended it to (checkpoints, cards)."""
+    logs.update(values)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(values)
+
+
+class AttentionDropScheduleCallback(TrainerCallback):
+    """Tells the model's flags how far training is (`global_step / max_steps`) at every step, which drives a strength
+    `schedule`; a resumed run continues from its checkpoint's step. Logs the strength in force
+    (`attentiondrop/strength`, and the scheduled options' values at full depth factor, e.g. `attentiondrop/p`)."""
+
+    def _set(self, state, model) -> None:
+        progress = state.global_step / max(state.max_steps, 1)
+        for config in _attention_configs(model):
+            set_progress(config, progress)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._set(state, model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._set(state, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs or model is None:
+            return
+        configs = [c for c in _attention_configs(model) if c.__dict__.get("attentiondrop") is not None]
+        if not configs:
+            return
+        settings = settings_of(configs[0])
+        if settings.schedule == "constant":
+            return
+        progress = state.global_step / max(state.max_steps, 1)
+        factor = schedule_factor(settings.schedule, settings.schedule_warmup, progress)
+        variant, full = get_variant(settings.variant), settings.options
+        halved = vars(variant.scaled(full, 0.5))
+        scaled = variant.scaled(full, factor)
+        values = {"attentiondrop/strength": factor}
+        values.update({f"attentiondrop/{n}": getattr(scaled, n) for n, v in vars(full).items() if halved[n] != v})
+        _add_to_log(state, logs, values)
+
+
+class AttentionDropMonitorCallback(TrainerCallback):
+    """Every time the Trainer logs the training loss, runs the model (training mode, no gradients, the RNG state put
+    back afterwards) on a fixed small batch — the first `examples` of the training set — and logs, per perturbed
+    layer and averaged over layers: the attention entropy without and with the perturbation
+    (`attentiondrop/entropy_clean`, `attentiondrop/entropy_perturbed`) and the variant's own terms (hard: the attention
+    mass it dropped, `attentiondrop/dropped_mass`; the blurs: the mean sigma drawn, `attentiondrop/sigma`). Keys per
+    layer end in the role and layer, e.g. `attentiondrop/entropy_clean/self.3`.
+
+    The batch goes through the training set's own transforms once, at the start of training (random augmentations
+    draw their numbers then). Costs one forward of `examples` examples per log; nothing between logs.
+    """
+
+    def __init__(self, examples: int = 8):
+        if not isinstance(examples, int) or examples < 1:
+            raise ValueError(f"`examples` must be an integer >= 1, got {examples!r}")
+        self.examples = examples
+        self.batch = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__getitem__"):
+            return
+        rows = [dataset[i] for i in range(min(self.examples, len(dataset)))]
+        batch = train_dataloader.collate_fn(rows)
+        device = next(base_model_of(model).parameters()).device
+        self.batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
+
+    def measure(self, model) -> dict[str, float]:
+        """The log entries for one look at the fixed batch."""
+        from .attention import monitor_attention
+
+        base_model = base_model_of(model)
+        was_training = base_model.training
+        devices = [torch.cuda.current_device()] if next(base_model.parameters()).is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), monitor_attention() as records:
+            base_model.train()
+            try:
+                base_model(**self.batch)
+            finally:
+                base_model.train(was_training)
+        values, sums = {}, defaultdict(list)
+        for record in records:
+            site = f"{record['role']}.{record['layer']}"
+            for name, value in record.items():
+                if name not in ("role", "layer"):
+                    values[f"attentiondrop/{name}/{site}"] = value
+                    sums[name].append(value)
+        values.update({f"attentiondrop/{name}": sum(v) / len(v) for name, v in sums.items()})
+        return values
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs or self.batch is None or model is None:
+            return
+        _add_to_log(state, logs, self.measure(model))
+
+
+def add_attentiondrop_callbacks(trainer, monitor: bool = False, examples: int = 8) -> None:
+    """Put the schedule callback (and the monitor, when `monitor`) first among `trainer`'s callbacks, before the
+    ones that print and report logs. Idempotent."""
+    callbacks = trainer.callback_handler.callbacks
+    wanted = [AttentionDropScheduleCallback] + ([AttentionDropMonitorCallback] if monitor else [])
+    for kind in reversed(wanted):
+        if not any(isinstance(c, kind) for c in callbacks):
+            callbacks.insert(0, kind(examples) if kind is AttentionDropMonitorCallback else kind())
