@@ -525,3 +525,21 @@ def test_card_metadata_round_trips_through_huggingface_hub(tmp_path):
     assert got == pytest.approx({"loss": metrics["eval_loss"]})
     assert {(r.task_type, r.dataset_type) for r in results} == {("image-classification", "cifar10")}
     assert "This checkpoint was trained with **AttentionDrop**" in card.text
+
+
+def test_a_plain_torch_module_trains_as_with_the_stock_trainer_and_is_refused_at_lambda_positive(tmp_path):
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 3)
+
+        def forward(self, features, labels=None):
+            logits = self.layer(features)
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    rows = [{"features": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(8)]
+    trainer = make_trainer(Linear(), tmp_path, rows, consistency_weight=0.0, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="consistency_weight > 0 needs a transformers PreTrainedModel, got Linear"):
+        make_trainer(Linear(), tmp_path, rows, consistency_weight=1.0)

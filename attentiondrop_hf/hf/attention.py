@@ -135,15 +135,16 @@ def attentiondrop_attention_forward(
     settings = settings_of(module.config)
     variant = get_variant(settings.variant)
     role = None if variant.is_identity(settings.options) else _targeted_role(module, settings)
-    options = _options_in_force(module, settings, variant) if role is not None and settings.varies_strength else None
-    if role is None or (options is not None and variant.is_identity(options)):
+    options = settings.options
+    if role is not None and settings.varies_strength:
+        options = _options_in_force(module, settings, variant)
+    if role is None or variant.is_identity(options):
         return base(module, query, key, value, attention_mask, **kwargs)
     if sinks := [name for name in SINK_ARGUMENTS if kwargs.get(name) is not None]:
         raise NotImplementedError(
             f"AttentionDrop cannot perturb attention with sinks (`{sinks[0]}`, {type(module).__name__}); "
             "leave this role out of `targets`"
         )
-    options = settings.options if options is None else options
     return _perturbed_attention(module, query, key, value, attention_mask, options, variant, role, base, kwargs)
 
 

@@ -20,8 +20,13 @@ __all__ = ["AttentionDropMonitorCallback", "AttentionDropScheduleCallback", "add
 
 
 def _attention_configs(model) -> list:
+    """The configs the model's attention modules read; none for a model that is not a Transformers model."""
+    try:
+        model = base_model_of(model)
+    except TypeError:
+        return []
     configs = []
-    for module in attention_modules(base_model_of(model)).values():
+    for module in attention_modules(model).values():
         if not any(module.config is known for known in configs):
             configs.append(module.config)
     return configs
@@ -89,7 +94,7 @@ class AttentionDropMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         dataset = getattr(train_dataloader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__getitem__"):
+        if dataset is None or not hasattr(dataset, "__getitem__") or not _attention_configs(model):
             return
         rows = [dataset[i] for i in range(min(self.examples, len(dataset)))]
         batch = train_dataloader.collate_fn(rows)
@@ -120,7 +125,7 @@ class AttentionDropMonitorCallback(TrainerCallback):
         return values
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or "loss" not in logs or self.batch is None or model is None:
+        if logs is None or "loss" not in logs or self.batch is None or not _attention_configs(model):
             return
         _add_to_log(state, logs, self.measure(model))
 

@@ -172,11 +172,16 @@ class ConsistencyMixin:
         _check_consistency(consistency_weight, consistency_kl)
         self.consistency_weight, self.consistency_kl = float(consistency_weight), consistency_kl
 
-        model = base_model_of(self.accelerator.unwrap_model(self.model))
-        self._attentiondrop_on = check_attentiondrop(model)  # never a silent no-op: raises on useless flags
-        forward = inspect.signature(model.forward).parameters
+        model = self._transformers_model()
+        if model is None and self.consistency_weight > 0:
+            raise ValueError(
+                f"consistency_weight > 0 needs a transformers PreTrainedModel, got {type(self.model).__name__}"
+            )
+        # Never a silent no-op: raises on flags that perturb nothing.
+        self._attentiondrop_on = model is not None and check_attentiondrop(model)
+        forward = inspect.signature(model.forward).parameters if model is not None else {}
         self._forward_kwargs = {"use_cache": False} if "use_cache" in forward else {}
-        self._shifts_labels = shifts_labels(model)
+        self._shifts_labels = model is not None and shifts_labels(model)
         self._checked_against_model_loss = False
         self._term_sums: dict[str, torch.Tensor] = {}
         self._log_window = 1
@@ -188,6 +193,14 @@ class ConsistencyMixin:
                 "a strength schedule or depth rule changes AttentionDrop's options between steps or layers: "
                 "torch.compile traces them as constants and recompiles when they change"
             )
+
+    def _transformers_model(self):
+        """The Transformers model being trained (inside PEFT / DDP / compile wrappers), or `None` for another
+        `nn.Module`, which the stock Trainer also trains (AttentionDrop then plays no part)."""
+        try:
+            return base_model_of(self.accelerator.unwrap_model(self.model))
+        except TypeError:
+            return None
 
     def _warn_about_the_copies(self, model) -> None:
         if not self._attentiondrop_on:
@@ -339,8 +352,8 @@ class ConsistencyMixin:
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The Trainer's card (also written by `push_to_hub`), with an AttentionDrop section and tags."""
-        model = base_model_of(self.accelerator.unwrap_model(self.model))
-        flags = getattr(model.config, "attentiondrop", None)
+        model = self._transformers_model()
+        flags = None if model is None else getattr(model.config, "attentiondrop", None)
         if flags is None and self.consistency_weight == 0:
             return super().create_model_card(*args, **kwargs)
         write_model_card(self, super().create_model_card, flags, args, kwargs)
