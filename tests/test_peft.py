@@ -42,6 +42,11 @@ def test_enable_and_disable_act_on_the_base_model_of_a_peft_model():
     assert not torch.allclose(perturbed, base.train()(**inputs).logits)
     disable_attentiondrop(peft_model)
     assert inner.config._attn_implementation == "sdpa" and inner.config.attentiondrop is None
+    wrapped = torch.nn.DataParallel(peft_model)  # a DDP / DataParallel / accelerate wrapper around it
+    enable_attentiondrop(wrapped, variant="blur")
+    assert inner.config.attentiondrop["variant"] == "blur"
+    disable_attentiondrop(wrapped)
+    assert inner.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("case_id", ["vit", "bert", "llama"])
