@@ -106,11 +106,10 @@ def test_the_trainer_drives_the_schedule_logs_it_and_a_resumed_run_continues_it(
     flags = {"variant": "hard", "p": 0.4, "schedule": "cosine", "schedule_warmup": 0.5}
     logs = train_logs(tmp_path, **flags)
     for step, entry in logs.items():
-        progress = (step - 1) / 8  # logged after the step that began at global_step = step - 1
-        strength = ops.schedule_factor("cosine", 0.5, step / 8)
+        strength = ops.schedule_factor("cosine", 0.5, (step - 1) / 8)  # the step began at global_step = step - 1
         assert entry["attentiondrop/strength"] == pytest.approx(strength), step
         assert entry["attentiondrop/p"] == pytest.approx(0.4 * strength), step
-        assert progress < 1
+    assert logs[1]["attentiondrop/strength"] == 0.0 and logs[8]["attentiondrop/strength"] == 1.0
     resumed = train_logs(tmp_path, resume=str(tmp_path / "checkpoint-4"), **flags)
     for step in (5, 6, 7, 8):
         assert resumed[step]["attentiondrop/p"] == pytest.approx(logs[step]["attentiondrop/p"])
@@ -132,7 +131,7 @@ def test_any_trainer_drives_the_schedule_with_the_callback(tmp_path):
     add_attentiondrop_callbacks(trainer)
     trainer.train()
     sigmas = [entry["attentiondrop/blur_sigma_max"] for entry in trainer.state.log_history if "loss" in entry]
-    assert sigmas == pytest.approx([2.0 * step / 4 for step in (1, 2, 3, 4)])
+    assert sigmas == pytest.approx([2.0 * (step - 1) / 4 for step in (1, 2, 3, 4)])
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ def _add_to_log(state, logs: dict, values: dict) -> None:
 
 class AttentionDropScheduleCallback(TrainerCallback):
     """Tells the model's flags how far training is (`global_step / max_steps`) at every step, which drives a strength
-    `schedule`; a resumed run continues from its checkpoint's step. Logs the strength in force
+    `schedule`; a resumed run continues from its checkpoint's step. Logs the strength of the last step taken
     (`attentiondrop/strength`, and the scheduled options' values at full depth factor, e.g. `attentiondrop/p`)."""
 
     def _set(self, state, model) -> None:
@@ -64,7 +64,8 @@ class AttentionDropScheduleCallback(TrainerCallback):
         settings = settings_of(configs[0])
         if settings.schedule == "constant":
             return
-        progress = state.global_step / max(state.max_steps, 1)
+        # The strength of the step just taken: it began at global_step - 1.
+        progress = max(state.global_step - 1, 0) / max(state.max_steps, 1)
         factor = schedule_factor(settings.schedule, settings.schedule_warmup, progress)
         variant, full = get_variant(settings.variant), settings.options
         halved = vars(variant.scaled(full, 0.5))
