@@ -165,6 +165,51 @@ def _plot_bars(runs, protocol, path) -> None:
     plt.close(fig)
 
 
+def _plot_differences(runs, protocol, path) -> None:
+    """Each row's paired difference from `none` (mean ± std over seeds), one panel per metric with a known better
+    direction: the picture that answers "does it help?". Green: better by more than the seed spread; red: worse by
+    more; grey: no difference (or a single seed, no spread to judge by)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = ("time_ratio", "train_wall_s_per_epoch")
+    columns = [c for c in columns_for(protocol["task"]) if c[3] is not None and c[0] not in skip]
+    rows = [row["name"] for row in protocol["rows"]]
+    diffs = paired_differences(runs, rows, [c[0] for c in columns])
+    shown = [row for row in rows if row in diffs]
+    ncols = min(4, len(columns))
+    nrows = (len(columns) + ncols - 1) // ncols
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.4 * ncols, 0.3 * len(shown) * nrows + 1.6 * nrows), squeeze=False
+    )
+    for index, (axis, (key, title, _, better)) in enumerate(zip(axes.flat, columns)):
+        stats = [diffs[row]["stats"].get(key, (np.nan, None)) for row in shown]
+        means = np.array([s[0] for s in stats])
+        errors = np.array([np.nan if s[1] is None else s[1] for s in stats])
+        gain = means if better else -means
+        colors = np.where(gain - errors > 0, "C2", np.where(gain + errors < 0, "C3", "0.6"))
+        axis.barh(range(len(shown)), means, xerr=np.nan_to_num(errors), color=list(colors), capsize=3)
+        axis.axvline(0.0, color="0.3", linewidth=0.8)
+        axis.set_yticks(range(len(shown)), shown if index % ncols == 0 else [], fontsize=8)
+        axis.invert_yaxis()
+        axis.set_title(f"{title} ({'higher' if better else 'lower'} is better)", fontsize=9)
+        axis.tick_params(axis="x", labelsize=7)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+    for axis in axes.flat[len(columns) :]:
+        axis.axis("off")
+    seeds = {row: len(diffs[row]["seeds"]) for row in shown}
+    fig.suptitle(
+        f"{protocol['name']}: row − {BASELINE}, same seed, mean ± std over seeds {seeds}\n"
+        "green: better than none by more than the spread; red: worse by more; grey: no difference",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_reliability(runs, protocol, path) -> str | None:
     """`none` vs the row of highest mean test accuracy; bins summed over the seeds of each row."""
     import matplotlib
@@ -289,6 +334,9 @@ def render(results_dir: str, protocol: dict) -> str:
         ]
         _plot_bars(runs, protocol, os.path.join(results_dir, "metrics.png"))
         lines += ["![Metrics per row](metrics.png)", ""]
+        if any(r["row"] != BASELINE for r in runs):
+            _plot_differences(runs, protocol, os.path.join(results_dir, "differences.png"))
+            lines += ["![Paired differences from none](differences.png)", ""]
         if protocol["task"] == "image-classification":
             best = _plot_reliability(runs, protocol, os.path.join(results_dir, "reliability.png"))
             if best:

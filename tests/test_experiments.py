@@ -202,7 +202,7 @@ def test_render_writes_means_seeds_paired_differences_and_figures(tmp_path):
     hard_diff = next(line for line in diffs.splitlines() if line.startswith("| hard |"))
     assert hard_diff.startswith("| hard | 2 | +0.150 ± 0.071 |")  # paired: +0.1 and +0.2
     assert "| attn_dropout |" not in text  # rows without runs are left out, not zeros
-    for figure in ("metrics.png", "reliability.png", "curves.png", "README.md"):
+    for figure in ("metrics.png", "differences.png", "reliability.png", "curves.png", "README.md"):
         assert (tmp_path / figure).is_file()
 
 
