@@ -20,6 +20,7 @@ import measures  # noqa: E402
 import metrics as recipe_metrics  # noqa: E402  (recipes/metrics: the recipe's local evaluate modules)
 import render  # noqa: E402
 import run  # noqa: E402
+from testing_common import write_translation_fixture  # noqa: E402
 
 # Four predictions whose confidences are exact binary fractions (no bin-edge rounding), 4 bins of width 1/4.
 PROBS = np.array([[0.875, 0.125], [0.625, 0.375], [0.25, 0.75], [0.0625, 0.9375]])
@@ -306,3 +307,29 @@ def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path):
         if model_args.use_attentiondrop:
             assert attentiondrop.variant == row["args"]["variant"]
             assert attentiondrop.options == type(attentiondrop.options)()  # the package defaults
+
+
+@pytest.mark.slow
+def test_translation_protocol_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
+    """multi30k-small's most involved row (blur + consistency on encoder self-attention) through the Marian recipe
+    in a subprocess, on a jsonl fixture laid out like ../shared/data/multi30k; BLEU and chrF in the record."""
+    folder = tmp_path / "data" / "multi30k"
+    folder.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        write_translation_fixture(str(folder / f"{split}.jsonl"))
+    monkeypatch.setenv("ATTENTIONDROP_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    results = tmp_path / "results"
+    tiny = (
+        "model.d_model=16 model.encoder_layers=1 model.decoder_layers=1 model.encoder_attention_heads=2 "
+        "model.decoder_attention_heads=2 model.encoder_ffn_dim=32 model.decoder_ffn_dim=32 spm_vocab_size=300 "
+        "num_train_epochs=1 per_device_train_batch_size=8 max_eval_samples=4 generation_max_length=8 "
+        "generation_num_beams=1 logging_steps=1"
+    ).split()
+    argv = ["multi30k-small", "--rows", "blur_consistency", "--seeds", "0", "--results_dir", str(results)]
+    assert run.main([*argv, "--set", *tiny]) == 0
+    record = json.loads((results / "runs" / "blur_consistency-seed0.json").read_text())
+    assert record["epochs"] == 1.0 and record["train_cpu_s"] > 0
+    assert all(math.isfinite(record["metrics"][key]) for key in ("bleu", "chrf"))
+    assert any("consistency_loss" in point for point in record["curves"])
+    assert "| blur_consistency | 1 |" in (results / "README.md").read_text()

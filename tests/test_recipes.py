@@ -15,7 +15,7 @@ import yaml
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from huggingface_hub import HfApi
 from PIL import Image as PILImage
-from testing_common import SHARED_DATA
+from testing_common import SHARED_DATA, write_translation_fixture
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 sys.path.insert(0, RECIPES)
@@ -52,18 +52,6 @@ def write_image_fixture(directory, as_parquet):
         os.makedirs(os.path.join(directory, ["cat", "dog"][label]), exist_ok=True)
         image.save(os.path.join(directory, ["cat", "dog"][label], f"{index}.png"))
     return directory
-
-
-def write_translation_fixture(path, pairs=40):
-    words_en = ["a", "dog", "runs", "the", "man", "eats", "red", "ball", "child", "plays"]
-    words_de = ["ein", "hund", "rennt", "der", "mann", "isst", "rot", "ball", "kind", "spielt"]
-    rng = np.random.default_rng(0)
-    with open(path, "w", encoding="utf-8") as handle:
-        for _ in range(pairs):
-            picks = rng.integers(0, len(words_en), 5)
-            pair = {"en": " ".join(words_en[i] for i in picks), "de": " ".join(words_de[i] for i in picks)}
-            handle.write(json.dumps({"translation": pair}) + "\n")
-    return path
 
 
 def cifar10_files(tmp_path):

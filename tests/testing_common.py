@@ -5,10 +5,12 @@ select rows by what they need (`cases(...)`). Models have two layers per stack (
 heads, width 32 and no dropout unless a test asks for it.
 """
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import transformers as tf
 
@@ -425,3 +427,16 @@ def tiny_marian(**overrides):
 
 def tiny_llama(**overrides):
     return build("llama", **overrides)
+
+
+def write_translation_fixture(path, pairs=40):
+    """A jsonl file of English-German pairs from a ten-word vocabulary: enough for a tokenizer and a few steps."""
+    words_en = ["a", "dog", "runs", "the", "man", "eats", "red", "ball", "child", "plays"]
+    words_de = ["ein", "hund", "rennt", "der", "mann", "isst", "rot", "ball", "kind", "spielt"]
+    rng = np.random.default_rng(0)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(pairs):
+            picks = rng.integers(0, len(words_en), 5)
+            pair = {"en": " ".join(words_en[i] for i in picks), "de": " ".join(words_de[i] for i in picks)}
+            handle.write(json.dumps({"translation": pair}) + "\n")
+    return path
