@@ -44,9 +44,18 @@ class AttentionDropScheduleCallback(TrainerCallback):
     `schedule`; a resumed run continues from its checkpoint's step. Logs the strength of the last step taken
     (`attentiondrop/strength`, and the scheduled options' values at full depth factor, e.g. `attentiondrop/p`)."""
 
+    def __init__(self):
+        self._model, self._configs = None, []
+
+    def _configs_of(self, model) -> list:
+        # Walking every module of the model is not work for each step: the attention modules are found once.
+        if model is not self._model:
+            self._model, self._configs = model, _attention_configs(model)
+        return self._configs
+
     def _set(self, state, model) -> None:
         progress = state.global_step / max(state.max_steps, 1)
-        for config in _attention_configs(model):
+        for config in self._configs_of(model):
             set_progress(config, progress)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -58,7 +67,7 @@ class AttentionDropScheduleCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:
             return
-        configs = [c for c in _attention_configs(model) if c.__dict__.get("attentiondrop") is not None]
+        configs = [c for c in self._configs_of(model) if c.__dict__.get("attentiondrop") is not None]
         if not configs:
             return
         settings = settings_of(configs[0])
