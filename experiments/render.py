@@ -32,6 +32,7 @@ IMAGE_COLUMNS = [
 TRANSLATION_COLUMNS = [
     ("bleu", "test BLEU", "{:.2f}", True),
     ("chrf", "test chrF", "{:.2f}", True),
+    ("loss", "test loss (label-smoothed CE)", "{:.3f}", False),
     ("time_ratio", "CPU time/epoch ÷ none", "{:.2f}", False),
     ("train_wall_s_per_epoch", "wall s/epoch", "{:.1f}", False),
 ]

@@ -330,6 +330,6 @@ def test_translation_protocol_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypat
     assert run.main([*argv, "--set", *tiny]) == 0
     record = json.loads((results / "runs" / "blur_consistency-seed0.json").read_text())
     assert record["epochs"] == 1.0 and record["train_cpu_s"] > 0
-    assert all(math.isfinite(record["metrics"][key]) for key in ("bleu", "chrf"))
+    assert all(math.isfinite(record["metrics"][key]) for key in ("bleu", "chrf", "loss"))
     assert any("consistency_loss" in point for point in record["curves"])
     assert "| blur_consistency | 1 |" in (results / "README.md").read_text()
