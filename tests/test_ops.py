@@ -254,3 +254,30 @@ def test_depthwise_key_blur_backward_is_the_transposed_blur(causal):
     taps = ops.blur_taps(torch.tensor([0.8, 1.7]), offsets).double()
     blur = blur_ops._DepthwiseKeyBlur.apply
     assert torch.autograd.gradcheck(lambda k: blur(k, valid, taps, offsets), (keys,))
+
+
+@pytest.mark.parametrize("direction", ["forward", "symmetric"])
+@pytest.mark.parametrize("ignored", [True, False], ids=["padded-tokens", "nothing-ignored"])
+def test_consistency_terms_equal_the_reference_on_the_whole_tensors(direction, ignored):
+    """The trainer's path (counted items gathered first) against the two reference sums over the whole tensors:
+    values and gradients; bit for bit when nothing is ignored (classification runs keep their exact numbers)."""
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 7, 11, generator=generator, requires_grad=True)
+    second = torch.randn(3, 7, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    if ignored:
+        labels[0, 4:] = -100
+        labels[2, 1:] = -100
+    task, kl = ops.summed_consistency_terms(first, second, labels, 0.1, direction)
+    fast_grads = torch.autograd.grad(task + 0.7 * kl, (first, second))
+    reference_task = (ops.summed_cross_entropy(first, labels, 0.1) + ops.summed_cross_entropy(second, labels, 0.1)) / 2
+    reference_kl = ops.summed_kl(first, second, labels, direction)
+    reference_grads = torch.autograd.grad(reference_task + 0.7 * reference_kl, (first, second))
+    assert kl > 0
+    if ignored:
+        torch.testing.assert_close((task, kl), (reference_task, reference_kl))
+        torch.testing.assert_close(fast_grads, reference_grads)
+        assert all(bool(g[2, 1:].eq(0).all()) for g in fast_grads)  # padded items get no gradient
+    else:
+        assert torch.equal(task, reference_task) and torch.equal(kl, reference_kl)
+        assert all(torch.equal(a, b) for a, b in zip(fast_grads, reference_grads))

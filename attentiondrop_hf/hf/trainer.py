@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import logging
 
-from ..ops import summed_cross_entropy, summed_kl
+from ..ops import summed_consistency_terms, summed_cross_entropy
 from ..variants import get_variant
 from ._compat import reload_weights_through_from_pretrained
 from .callbacks import add_attentiondrop_callbacks
@@ -244,11 +244,12 @@ class ConsistencyMixin:
         else:
             items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
         first, second = logits.split(batch)
-        smoothing = self.args.label_smoothing_factor
-        task = (summed_cross_entropy(first, target, smoothing) + summed_cross_entropy(second, target, smoothing)) / 2
+        task, kl = summed_consistency_terms(
+            first, second, target, self.args.label_smoothing_factor, self.consistency_kl
+        )
         terms = {
             "task_loss": task / items + _auxiliary_loss(outputs, unwrapped.config),
-            "consistency_loss": summed_kl(first, second, target, self.consistency_kl) / items,
+            "consistency_loss": kl / items,
         }
         loss = terms["task_loss"] + self.consistency_weight * terms["consistency_loss"]
 

@@ -9,7 +9,7 @@ from .attention import (
     rows_of,
 )
 from .blur import blur_keys, blur_logits, blur_offsets, blur_taps, key_validity
-from .consistency import summed_cross_entropy, summed_kl
+from .consistency import summed_consistency_terms, summed_cross_entropy, summed_kl
 from .hard import apply_hard_drop, hard_drop_pattern
 from .masks import MASKED_AT_OR_BELOW, attendable_keys, causal_pattern, masked_softmax
 from .sampling import draw_blur_sigma, draw_slot_uniforms
@@ -37,6 +37,7 @@ __all__ = [
     "repeat_kv",
     "rows_of",
     "schedule_factor",
+    "summed_consistency_terms",
     "summed_cross_entropy",
     "summed_kl",
 ]

@@ -7,12 +7,15 @@ KL(p1 || p2) (the paper, `direction="forward"`) or R-Drop's 0.5 (KL(p1 || p2) + 
 Items are examples (classification) or label tokens (seq2seq, causal LM); labels equal to `ignore_index` are left
 out of both terms. The functions return *sums* over items so the caller can normalise by the number of items in the
 whole accumulated (and distributed) batch. Everything is computed in float32.
+
+`summed_consistency_terms` is the trainer's path: both terms on the counted items only. `summed_cross_entropy` and
+`summed_kl` on the whole tensors are its reference.
 """
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["summed_cross_entropy", "summed_kl"]
+__all__ = ["summed_consistency_terms", "summed_cross_entropy", "summed_kl"]
 
 
 def summed_cross_entropy(
@@ -52,3 +55,27 @@ def summed_kl(
     if direction == "symmetric":
         kl = 0.5 * (kl + log_q.exp() * (log_q - log_p))
     return kl.masked_fill(~counted, 0.0).sum()
+
+
+def summed_consistency_terms(
+    logits_first: torch.Tensor,
+    logits_second: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    direction: str = "forward",
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ of the mean of both halves' cross-entropies, Σ of the KL term) over counted items, as the trainer needs.
+
+    In a seq2seq or causal-LM batch padded to its longest sequence, half the token positions or more are labelled
+    `ignore_index`, and the vocabulary-sized log-softmaxes of the KL are most of the step's cost; the counted rows
+    are gathered once, before them. With nothing ignored (classification) this is the reference computation itself.
+    """
+    counted = labels != ignore_index
+    if not bool(counted.all()):
+        logits_first, logits_second, labels = logits_first[counted], logits_second[counted], labels[counted]
+    task = (
+        summed_cross_entropy(logits_first, labels, label_smoothing, ignore_index)
+        + summed_cross_entropy(logits_second, labels, label_smoothing, ignore_index)
+    ) / 2
+    return task, summed_kl(logits_first, logits_second, labels, direction, ignore_index)
