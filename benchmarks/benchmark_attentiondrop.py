@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Step time and peak memory of AttentionDrop's paths against SDPA, side by side in one run.
 
-Two workloads:
+Three workloads:
 - `vit`: one full training step (forward, loss, backward, AdamW step) of a ViT: ViT-B/16 at batch 64 in bf16 on a
   GPU; on the CPU a ViT of 6 layers, width 192, 65 tokens, batch 32, float32.
 - `attention`: the attention function alone, forward and backward, at long sequence: N = 8192 (B = 2, H = 16,
   D = 64, bf16) on a GPU, N = 2048 on the CPU.
+- `seq2seq`: one training step of the multi30k-small Marian (2 + 2 layers, width 128, vocabulary 8,000, batch 64,
+  sentence lengths like Multi30k's, padded to the longest: about half the label positions are padding): the plain step
+  (the model's own loss), the consistency step with its loss terms on the counted tokens (the trainer's path) and
+  on the whole padded tensors (the reference), and with hard masking on encoder self-attention.
 
 Modes: sdpa and eager (stock Transformers), each variant's logit-space reference path and its fast path, eval (a
 no-grad forward, AttentionDrop installed, against SDPA's), and the consistency pass (a doubled batch plus the KL).
@@ -32,6 +36,8 @@ import attentiondrop_hf
 from attentiondrop_hf import enable_attentiondrop, force_reference_path, ops
 from attentiondrop_hf.hf.attention import attentiondrop_attention_forward
 
+IGNORE_INDEX = -100
+
 HARD = {"variant": "hard", "p": 0.1, "top_k": 8}
 BLUR = {"variant": "blur", "blur_width": 5, "blur_sigma_min": 0.0, "blur_sigma_max": 1.0}
 # mode -> (attn_implementation, AttentionDrop flags, force the reference path)
@@ -45,8 +51,29 @@ MODES = {
     "eval sdpa": ("sdpa", None, False),
     "eval attentiondrop": ("attentiondrop", HARD, False),
     "consistency (hard fast)": ("attentiondrop", HARD, False),
+    "consistency, loss on all tokens": ("sdpa", None, False),
+    "consistency": ("sdpa", None, False),
 }
-ATTENTION_MODES = ["sdpa", "eager", "hard reference", "hard fast", "blur reference", "blur fast"]
+WORKLOAD_MODES = {
+    "vit": [
+        "sdpa",
+        "eager",
+        "hard reference",
+        "hard fast",
+        "blur reference",
+        "blur fast",
+        "eval sdpa",
+        "eval attentiondrop",
+        "consistency (hard fast)",
+    ],
+    "attention": ["sdpa", "eager", "hard reference", "hard fast", "blur reference", "blur fast"],
+    "seq2seq": ["sdpa", "consistency, loss on all tokens", "consistency", "consistency (hard fast)"],
+}
+
+
+# Token counts log-normal around Multi30k's (median 14 a sentence, the longest of 64 about 32): padded to the
+# longest, about half the label positions are padding, as in the multi30k-small runs (45 %).
+SEQ2SEQ = {"width": 128, "layers": 2, "vocabulary": 8000, "batch": 64, "median_length": 14, "length_spread": 0.35}
 
 
 def workload_sizes(device: str) -> dict:
@@ -62,10 +89,12 @@ def workload_sizes(device: str) -> dict:
                 "dtype": "bfloat16",
             },
             "attention": {"batch": 2, "heads": 16, "length": 8192, "dim": 64, "dtype": "bfloat16"},
+            "seq2seq": SEQ2SEQ,
         }
     return {
         "vit": {"hidden": 192, "layers": 6, "heads": 3, "image": 32, "patch": 4, "batch": 32, "dtype": "float32"},
         "attention": {"batch": 2, "heads": 16, "length": 2048, "dim": 64, "dtype": "float32"},
+        "seq2seq": SEQ2SEQ,
     }
 
 
@@ -170,11 +199,69 @@ def vit_step(mode: str, device: str, sizes: dict):
             inputs = torch.cat([pixels, pixels]) if doubled else pixels
             logits = model(pixel_values=inputs).logits
             if doubled:
-                first, second = logits.chunk(2)
-                loss = 0.5 * (ops.summed_cross_entropy(first, labels) + ops.summed_cross_entropy(second, labels))
-                loss = (loss + ops.summed_kl(first, second, labels)) / labels.numel()
+                task, kl = ops.summed_consistency_terms(*logits.chunk(2), labels)
+                loss = (task + kl) / labels.numel()
             else:
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def seq2seq_step(mode: str, device: str, sizes: dict):
+    from transformers import MarianConfig, MarianMTModel
+
+    width, vocabulary, batch = sizes["width"], sizes["vocabulary"], sizes["batch"]
+    config = MarianConfig(
+        vocab_size=vocabulary,
+        d_model=width,
+        encoder_layers=sizes["layers"],
+        decoder_layers=sizes["layers"],
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=4 * width,
+        decoder_ffn_dim=4 * width,
+        max_position_embeddings=128,
+        dropout=0.0,
+        pad_token_id=vocabulary - 1,
+        decoder_start_token_id=vocabulary - 1,
+    )
+    torch.manual_seed(0)
+    model = MarianMTModel(config).to(device).train()
+    if MODES[mode][1] is not None:
+        enable_attentiondrop(model, **MODES[mode][1], targets=["self"])
+    lengths = torch.exp(torch.randn(2, batch) * sizes["length_spread"]).mul(sizes["median_length"]).round().long()
+    source_lengths, target_lengths = lengths.clamp(min=2)
+    source_mask = (torch.arange(int(source_lengths.max())) < source_lengths[:, None]).long()
+    target_positions = torch.arange(int(target_lengths.max()))
+    labels = torch.randint(0, vocabulary - 1, (batch, len(target_positions))).masked_fill(
+        target_positions >= target_lengths[:, None], IGNORE_INDEX
+    )
+    inputs = {
+        "input_ids": torch.randint(0, vocabulary - 1, source_mask.shape).masked_fill(source_mask == 0, vocabulary - 1),
+        "attention_mask": source_mask,
+        "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
+    }
+    inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        if mode == "sdpa":
+            loss = model(**inputs, labels=labels).loss
+        else:
+            first, second = model(**{k: torch.cat([v, v]) for k, v in inputs.items()}).logits.chunk(2)
+            if mode == "consistency, loss on all tokens":  # the reference: the sums over the whole padded tensors
+                task = 0.5 * (ops.summed_cross_entropy(first, labels) + ops.summed_cross_entropy(second, labels))
+                kl = ops.summed_kl(first, second, labels)
+            else:
+                task, kl = ops.summed_consistency_terms(first, second, labels)
+            loss = (task + kl) / labels.ne(IGNORE_INDEX).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -221,7 +308,8 @@ def attention_step(mode: str, device: str, sizes: dict):
 
 
 def build(workload: str, mode: str, device: str, sizes: dict):
-    return (vit_step if workload == "vit" else attention_step)(mode, device, sizes[workload])
+    steps = {"vit": vit_step, "attention": attention_step, "seq2seq": seq2seq_step}
+    return steps[workload](mode, device, sizes[workload])
 
 
 def isolated_peak_memory(workload: str, mode: str, args) -> int:
@@ -236,11 +324,11 @@ def isolated_peak_memory(workload: str, mode: str, args) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=["vit", "attention"], choices=["vit", "attention"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOAD_MODES), choices=list(WORKLOAD_MODES))
     parser.add_argument("--modes", nargs="+", help="only these modes (sdpa is always run: the ratios need it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, help="untimed steps per mode (default: vit 3, attention 1)")
-    parser.add_argument("--repeats", type=int, help="timed rounds (default: vit 20, attention 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per mode (default: 3, attention 1)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: 20, attention 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -255,7 +343,7 @@ def main() -> None:
 
     results = {"device": describe(args.device), "sizes": sizes, "attentiondrop_hf": attentiondrop_hf.__version__}
     for workload in args.workloads:
-        modes = list(MODES) if workload == "vit" else ATTENTION_MODES
+        modes = WORKLOAD_MODES[workload]
         if args.modes:
             modes = [mode for mode in modes if mode in args.modes or mode in ("sdpa", "eval sdpa")]
         steps, figures = {}, {}
@@ -272,8 +360,8 @@ def main() -> None:
                 figures[mode] = {"error": (str(error).strip().splitlines() or [repr(error)])[-1][:100]}
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-        warmup = args.warmup if args.warmup is not None else {"vit": 3, "attention": 1}[workload]
-        repeats = args.repeats if args.repeats is not None else {"vit": 20, "attention": 5}[workload]
+        warmup = args.warmup if args.warmup is not None else (1 if workload == "attention" else 3)
+        repeats = args.repeats if args.repeats is not None else (5 if workload == "attention" else 20)
         for mode, seconds in time_interleaved(steps, args.device, warmup, repeats).items():
             figures[mode]["seconds"] = seconds
         results[workload] = figures
@@ -294,22 +382,22 @@ def describe(device: str) -> str:
 
 def print_table(results: dict) -> None:
     print(f"\n{results['device']}")
-    for workload in ("vit", "attention"):
+    for workload in WORKLOAD_MODES:
         if workload not in results:
             continue
         figures = results[workload]
         print(f"\n{workload}: {results['sizes'][workload]}")
-        print(f"| {'mode':<24} | {'step ms':>9} | {'x SDPA':>7} | {'peak MiB':>9} | {'x SDPA':>7} |")
-        print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 9}|")
+        print(f"| {'mode':<31} | {'step ms':>9} | {'x SDPA':>7} | {'peak MiB':>9} | {'x SDPA':>7} |")
+        print(f"|{'-' * 33}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 9}|")
         for mode, figure in figures.items():
             baseline = figures["eval sdpa" if mode.startswith("eval") else "sdpa"]
             if "error" in figure or "error" in baseline:
-                print(f"| {mode:<24} | {figure.get('error', 'baseline failed')} |")
+                print(f"| {mode:<31} | {figure.get('error', 'baseline failed')} |")
                 continue
             time_ratio = figure["seconds"] / baseline["seconds"]
             memory_ratio = figure["peak_bytes"] / max(baseline["peak_bytes"], 1)
             print(
-                f"| {mode:<24} | {figure['seconds'] * 1e3:>9.2f} | {time_ratio:>6.2f}x "
+                f"| {mode:<31} | {figure['seconds'] * 1e3:>9.2f} | {time_ratio:>6.2f}x "
                 f"| {figure['peak_bytes'] / 2**20:>9.1f} | {memory_ratio:>6.2f}x |"
             )
 
