@@ -67,12 +67,13 @@ def summed_consistency_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ of the mean of both halves' cross-entropies, Σ of the KL term) over counted items, as the trainer needs.
 
-    In a seq2seq or causal-LM batch padded to its longest sequence, half the token positions or more are labelled
-    `ignore_index`, and the vocabulary-sized log-softmaxes of the KL are most of the step's cost; the counted rows
-    are gathered once, before them. With nothing ignored (classification) this is the reference computation itself.
+    In a seq2seq or causal-LM batch padded to its longest sequence, often about half the token positions are
+    labelled `ignore_index` (55 % in multi30k-small), and the vocabulary-sized log-softmaxes of the KL are most of the
+    step's cost; the counted rows are gathered once, before them. With nothing ignored (classification) this is the
+    reference computation itself.
     """
     counted = labels != ignore_index
-    if not bool(counted.all()):
+    if not bool(counted.all()):  # reads a flag from the device; the boolean gather must wait for it anyway
         logits_first, logits_second, labels = logits_first[counted], logits_second[counted], labels[counted]
     task = (
         summed_cross_entropy(logits_first, labels, label_smoothing, ignore_index)
