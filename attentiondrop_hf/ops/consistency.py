@@ -48,13 +48,18 @@ def summed_kl(
         logits_p, logits_q (`torch.Tensor` of shape `[..., C]`): the two predictions; gradients flow through both.
         labels (`torch.Tensor` of shape `[...]`): items whose label is `ignore_index` are left out.
     """
+    counted = (labels != ignore_index).unsqueeze(-1)
+    return _pointwise_kl(logits_p, logits_q, direction).masked_fill(~counted, 0.0).sum()
+
+
+def _pointwise_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, direction: str) -> torch.Tensor:
+    """The KL term's summands p_c (log p_c - log q_c) (symmetrised for `"symmetric"`), shape `[..., C]`."""
     log_p = F.log_softmax(logits_p.float(), dim=-1)
     log_q = F.log_softmax(logits_q.float(), dim=-1)
-    counted = (labels != ignore_index).unsqueeze(-1)
     kl = log_p.exp() * (log_p - log_q)
     if direction == "symmetric":
         kl = 0.5 * (kl + log_q.exp() * (log_q - log_p))
-    return kl.masked_fill(~counted, 0.0).sum()
+    return kl
 
 
 def summed_consistency_terms(
@@ -69,8 +74,8 @@ def summed_consistency_terms(
 
     In a seq2seq or causal-LM batch padded to its longest sequence, often about half the token positions are
     labelled `ignore_index` (55 % in multi30k-small), and the vocabulary-sized log-softmaxes of the KL are most of the
-    step's cost; the counted rows are gathered once, before them. With nothing ignored (classification) this is the
-    reference computation itself.
+    step's cost; the counted rows are gathered once, before them. With nothing ignored (classification) nothing is
+    gathered and the numbers are the reference's, bit for bit.
     """
     counted = labels != ignore_index
     if not bool(counted.all()):  # reads a flag from the device; the boolean gather must wait for it anyway
@@ -79,4 +84,5 @@ def summed_consistency_terms(
         summed_cross_entropy(logits_first, labels, label_smoothing, ignore_index)
         + summed_cross_entropy(logits_second, labels, label_smoothing, ignore_index)
     ) / 2
-    return task, summed_kl(logits_first, logits_second, labels, direction, ignore_index)
+    # Every row left is counted: no mask to apply over the vocabulary-sized summands.
+    return task, _pointwise_kl(logits_first, logits_second, direction).sum()
