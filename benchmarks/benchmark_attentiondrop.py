@@ -35,8 +35,7 @@ import torch
 import attentiondrop_hf
 from attentiondrop_hf import enable_attentiondrop, force_reference_path, ops
 from attentiondrop_hf.hf.attention import attentiondrop_attention_forward
-
-IGNORE_INDEX = -100
+from attentiondrop_hf.hf.trainer import IGNORE_INDEX
 
 HARD = {"variant": "hard", "p": 0.1, "top_k": 8}
 BLUR = {"variant": "blur", "blur_width": 5, "blur_sigma_min": 0.0, "blur_sigma_max": 1.0}
@@ -152,6 +151,16 @@ def peak_memory(step, mode: str, device: str) -> int:
         return max(_status_bytes("VmHWM") - base, 0)
 
 
+def adamw_with_states(model) -> torch.optim.AdamW:
+    """AdamW with its states already created, so that a timed step's memory is the step's own."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
 def vit_step(mode: str, device: str, sizes: dict):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -187,11 +196,7 @@ def vit_step(mode: str, device: str, sizes: dict):
         return step
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for parameter in model.parameters():  # create AdamW's states now, so that a step's memory is its own
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer = adamw_with_states(model)
     doubled = mode.startswith("consistency")
 
     def step():
@@ -245,11 +250,7 @@ def seq2seq_step(mode: str, device: str, sizes: dict):
         "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
     }
     inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for parameter in model.parameters():
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer = adamw_with_states(model)
 
     def step():
         if mode == "sdpa":
