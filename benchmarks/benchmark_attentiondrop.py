@@ -17,7 +17,7 @@ Step times are medians over rounds in which the modes take turns. Peak memory is
 allocated before it: `torch.cuda.max_memory_allocated` on a GPU, the rise of the resident set size in a fresh
 process per mode on the CPU. Ratios are to SDPA's figure of the same workload.
 
-    python benchmarks/benchmark_attentiondrop.py                 # both workloads, this machine's device
+    python benchmarks/benchmark_attentiondrop.py                 # every workload, on this machine's device
     python benchmarks/benchmark_attentiondrop.py --json out.json
 """
 
