@@ -56,6 +56,13 @@ def load_protocol(name_or_path: str) -> dict:
         raise ValueError(f"unknown protocol {name_or_path!r}; protocols: {known}")
     with open(path, encoding="utf-8") as handle:
         protocol = json.load(handle)
+    if "extends" in protocol:
+        # A protocol built on another (a strength sweep on the same data, model and budget): the parent's keys,
+        # then this file's; `rows` are this file's own.
+        parent = load_protocol(os.path.join(os.path.dirname(path), f"{protocol['extends']}.json"))
+        protocol = {**{k: v for k, v in parent.items() if k not in ("pilots", "command")}, **protocol}
+    if protocol.get("eval_split", "test") not in ("test", "validation"):
+        raise ValueError(f"protocol {path}: eval_split must be 'test' or 'validation', got {protocol['eval_split']!r}")
     for key in ("name", "task", "data", "model_config", "recipe_args", "rows"):
         if key not in protocol:
             raise ValueError(f"protocol {path} has no {key!r}")
@@ -402,8 +409,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--eval_split",
         choices=["test", "validation"],
-        default="test",
-        help="'validation': the split carved from the training data (pilots)",
+        help="'validation': the split carved from the training data (pilots, sweeps); default: the protocol's "
+        "`eval_split`, else 'test'",
     )
     parser.add_argument("--results_dir", help="where run JSONs, the table and figures go")
     parser.add_argument("--render_only", action="store_true", help="only render the table and figures")
@@ -418,7 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_results_dir(protocol: dict, args: argparse.Namespace) -> str:
     columns = args.image_column_name or args.label_column_name
-    if not (args.train_file or args.set or args.eval_split != "test" or columns):
+    if not (args.train_file or args.set or args.eval_split != protocol.get("eval_split", "test") or columns):
         return os.path.join(EXPERIMENTS, "results", protocol["name"])
     suffix = "pilot" if args.eval_split == "validation" else "custom"
     # One folder per combination of changes, so a pilot with other settings never skips as "already run".
@@ -433,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     protocol = apply_settings(load_protocol(args.protocol), args.set)
     rows = select_rows(protocol, args.rows)
+    args.eval_split = args.eval_split or protocol.get("eval_split", "test")
     seeds = args.seeds if args.seeds is not None else protocol.get("seeds", [0, 1, 2])
     device = args.device or protocol.get("device", "cpu")
     results_dir = os.path.abspath(args.results_dir or default_results_dir(protocol, args))
