@@ -1,12 +1,11 @@
 """AttentionDrop for Hugging Face Transformers (arXiv 2504.12088).
 
-Importing the package registers the `"attentiondrop"` attention implementation (attention and mask interfaces),
-makes `attentiondrop` an attribute of every Transformers config, and registers the built-in variants "hard" and
-"blur". Layers, imports pointing one way: `ops` (pure torch) <- `variants` <- `config` <- `hf` (everything that
-touches Transformers).
+Importing the package registers the `"attentiondrop"` attention implementation (attention and mask interfaces; and
+`"attentiondrop_eager"`, its eager-based twin), makes `attentiondrop` an attribute of every Transformers config, makes
+loading with `attn_implementation="attentiondrop"` switch AttentionDrop on, and registers the built-in variants.
+Layers, imports pointing one way: `ops` (pure torch) <- `variants` <- `config` <- `hf` (everything that touches
+Transformers); `version` is a leaf.
 """
-
-__version__ = "0.2.0"
 
 from . import variants  # noqa: E402,F401  (registers the built-in variants)
 from .config import AttentionDropConfig  # noqa: E402
@@ -16,6 +15,7 @@ from .hf.callbacks import (  # noqa: E402
     AttentionDropScheduleCallback,
     add_attentiondrop_callbacks,
 )
+from .hf.loading import install_load_hooks  # noqa: E402
 from .hf.switch import check_attentiondrop, disable_attentiondrop, enable_attentiondrop  # noqa: E402
 from .hf.trainer import (  # noqa: E402
     AttentionDropArguments,
@@ -26,8 +26,10 @@ from .hf.trainer import (  # noqa: E402
     ConsistencyMixin,
 )
 from .variants import AttentionDropVariant, PerturbedCall, register_variant  # noqa: E402
+from .version import __version__  # noqa: F401
 
 register()
+install_load_hooks()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

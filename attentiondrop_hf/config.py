@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 from packaging.version import Version
 
-from . import __version__
 from .ops.schedules import DEPTH_RULES, SCHEDULES
 from .variants import get_variant, registered_variants
 from .variants.base import is_int, is_number, reserve_option_names
+from .version import __version__
 
 __all__ = ["BASE_IMPLEMENTATIONS", "ROLES", "VERSION_KEY", "AttentionDropConfig"]
 
@@ -49,9 +49,12 @@ class AttentionDropConfig:
         default=None,
         metadata={"help": "Layer indices to perturb within each stack of attention blocks (default: all layers)."},
     )
-    base_attn_implementation: Literal["sdpa", "eager"] = field(
-        default="sdpa",
-        metadata={"help": "Implementation run when nothing is perturbed (eval, untargeted roles and layers)."},
+    base_attn_implementation: Literal["sdpa", "eager"] | None = field(
+        default=None,
+        metadata={
+            "help": "Implementation run when nothing is perturbed (eval, untargeted roles and layers): 'sdpa' or "
+            "'eager'. Default: the model's own (SDPA where the model supports it, else eager)."
+        },
     )
     schedule: Literal["constant", "linear", "cosine"] = field(
         default="constant",
@@ -81,9 +84,9 @@ class AttentionDropConfig:
         variant = get_variant(self.variant)
         self.targets = _normalise_targets(self.targets)
         self.layers = _normalise_layers(self.layers)
-        if self.base_attn_implementation not in BASE_IMPLEMENTATIONS:
+        if self.base_attn_implementation not in (None, *BASE_IMPLEMENTATIONS):
             raise ValueError(
-                f"`base_attn_implementation` must be one of {list(BASE_IMPLEMENTATIONS)}, "
+                f"`base_attn_implementation` must be None (the model's own) or one of {list(BASE_IMPLEMENTATIONS)}, "
                 f"got {self.base_attn_implementation!r}"
             )
         if self.schedule not in SCHEDULES:

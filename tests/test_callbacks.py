@@ -17,8 +17,8 @@ from attentiondrop_hf import (
     ops,
 )
 from attentiondrop_hf.hf import attention as attention_glue
-from attentiondrop_hf.hf.flags import set_progress
 from attentiondrop_hf.hf.model_card import training_curves_figure
+from attentiondrop_hf.hf.plan import model_plan_of
 
 
 def test_schedule_and_depth_factors_are_the_formulas():
@@ -54,15 +54,15 @@ def test_the_options_in_force_follow_progress_and_depth():
     seen = []
     original = attention_glue._perturbed_attention
 
-    def spy(module, query, key, value, mask, options, *args):
+    def spy(call, plan, options, **kwargs):
         seen.append(options.p)
-        return original(module, query, key, value, mask, options, *args)
+        return original(call, plan, options, **kwargs)
 
     attention_glue._perturbed_attention = spy
     try:
         for progress in (0.25, 0.75):
             seen.clear()
-            set_progress(model.config, progress)
+            model_plan_of(model).set_progress(progress)
             model.train()(**image_batch())
             strength = min(progress / 0.5, 1.0)
             assert seen == pytest.approx([0.4 * strength * 0.5, 0.4 * strength * 1.0])  # layers 0 and 1 of 2
@@ -77,7 +77,7 @@ def test_strength_zero_is_the_base_and_a_schedule_without_its_clock_raises():
     model = enable_attentiondrop(copy.deepcopy(base), variant="hard", p=0.5, schedule="linear")
     with pytest.raises(ValueError, match=r"`schedule='linear'` follows the training step, which nothing reported"):
         model.train()(**image_batch())
-    set_progress(model.config, 0.0)  # the first step of a warm-up: no perturbation at all
+    model_plan_of(model).set_progress(0.0)  # the first step of a warm-up: no perturbation at all
     torch.manual_seed(1)
     got = model.train()(**image_batch()).logits
     torch.manual_seed(1)

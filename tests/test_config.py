@@ -1,6 +1,8 @@
-"""AttentionDropConfig and `config.attentiondrop`: every validation error names its flag; flags are validated when
-set (in place too), parsed once, reach the sub-configs of composite models, and round-trip through config.json."""
+"""AttentionDropConfig and `config.attentiondrop`: every validation error names its flag; the flags are plain data on
+the config, validated when AttentionDrop is switched on (at load), read by composite models from their top config,
+and round-trip through config.json."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,8 +13,9 @@ import torch
 from testing_common import build, image_batch, tiny_vit
 from transformers import ViTConfig, ViTForImageClassification
 
-from attentiondrop_hf import AttentionDropConfig, enable_attentiondrop
+from attentiondrop_hf import AttentionDropConfig, check_attentiondrop, enable_attentiondrop
 from attentiondrop_hf.config import VERSION_KEY
+from attentiondrop_hf.hf.plan import attention_modules, plan_of
 from attentiondrop_hf.variants import HardOptions, UnknownVariantError
 
 INVALID = [
@@ -34,7 +37,10 @@ INVALID = [
     ({"targets": []}, "`targets` must be None (the default roles) or a non-empty list"),
     ({"layers": [-1]}, "`layers` must hold layer indices >= 0"),
     ({"layers": []}, "`layers` must be None (all layers) or a non-empty list"),
-    ({"base_attn_implementation": "flash_attention_2"}, "`base_attn_implementation` must be one of"),
+    (
+        {"base_attn_implementation": "flash_attention_2"},
+        "`base_attn_implementation` must be None (the model's own) or",
+    ),
     ({"top_kk": 3}, "unknown AttentionDrop flag(s) ['top_kk']"),
     ({"options": 3}, "`options` of variant 'hard' must be a HardOptions or a dict"),
     ({"options": {"p": 0.2}, "top_k": 3}, "either as `options` or by name, not both"),
@@ -57,7 +63,7 @@ def test_options_by_name_as_a_dict_or_as_the_variant_dataclass_are_the_same():
         "variant": "hard",
         "targets": None,
         "layers": None,
-        "base_attn_implementation": "sdpa",
+        "base_attn_implementation": None,
         "schedule": "constant",
         "schedule_warmup": 0.1,
         "depth_rule": "uniform",
@@ -108,51 +114,58 @@ def test_default_targets_are_self_attention_and_the_causal_attention_of_decoder_
     assert not explicit.targets_role("causal", decoder_only_stack=True)
 
 
-def test_config_attribute_validates_on_assignment_in_place_and_from_pretrained(tmp_path):
+def test_config_attribute_is_plain_data_validated_when_switched_on(tmp_path):
     config = ViTConfig()
     assert config.attentiondrop is None and "attentiondrop" not in config.to_diff_dict()
-    with pytest.raises(ValueError, match="`p` must be in"):
-        config.attentiondrop = {"p": 2}
-    config.attentiondrop = {"variant": "hard", "top_k": 4}
-    assert config.attentiondrop["top_k"] == 4 and config.attentiondrop.settings.options.top_k == 4
-    # In place: validated, parsed again, and left unchanged by an invalid edit.
-    config.attentiondrop["top_k"] = 6
-    assert config.attentiondrop.settings.options.top_k == 6
-    with pytest.raises(ValueError, match="`top_k` must be an integer"):
-        config.attentiondrop["top_k"] = 0
-    config.attentiondrop.update(variant="blur", blur_width=7)
-    assert config.attentiondrop.settings.variant == "blur" and config.attentiondrop["blur_width"] == 7
-    assert config.attentiondrop.settings.options.blur_width == 7
+    config.attentiondrop = {"variant": "blur", "blur_width": 7}
+    assert type(config.attentiondrop) is dict  # nothing parsed or cached on the config
     assert json.loads(config.to_json_string())["attentiondrop"]["blur_width"] == 7
     tiny_vit().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="`top_k` must be an integer"):
-        ViTForImageClassification.from_pretrained(tmp_path, attentiondrop={"top_k": 0})
+        ViTForImageClassification.from_pretrained(
+            tmp_path, attn_implementation="attentiondrop", attentiondrop={"top_k": 0}
+        )
+    config.attentiondrop = {"p": 2}
+    with pytest.raises(ValueError, match="`p` must be in"):
+        ViTForImageClassification._from_config(config, attn_implementation="attentiondrop")
 
 
-def test_composite_configs_hand_the_flags_to_their_sub_configs(tmp_path):
+def test_flags_edited_after_switching_on_take_effect_when_the_trainer_checks_them():
+    """The attention reads the plan; `check_attentiondrop` (which every AttentionDrop trainer calls when built)
+    switches on again with the flags found on the config."""
+    torch.manual_seed(0)
+    base = tiny_vit()
+    model = enable_attentiondrop(copy.deepcopy(base), variant="hard", p=0.5)
+    model.config.attentiondrop["p"] = 0.0
+    assert check_attentiondrop(model)
+    torch.manual_seed(1)
+    got = model.train()(**image_batch()).logits
+    torch.manual_seed(1)
+    assert torch.equal(got, base.train()(**image_batch()).logits)
+
+
+def test_composite_models_read_the_flags_of_their_top_config(tmp_path):
     clip = build("clip")
-    clip.config.attentiondrop = {"variant": "blur", "blur_width": 7}
-    for sub in (clip.config.text_config, clip.config.vision_config):
-        assert sub.attentiondrop["variant"] == "blur" and sub.attentiondrop.in_composite
     clip.save_pretrained(tmp_path)
     loaded = type(clip).from_pretrained(tmp_path, attn_implementation="attentiondrop", attentiondrop={"p": 0.3})
-    for config in (loaded.config, loaded.config.text_config, loaded.config.vision_config):
-        assert config.attentiondrop.settings == AttentionDropConfig(p=0.3), config.model_type
-    module = loaded.vision_model.encoder.layers[0].self_attn
-    assert module.config.attentiondrop.settings.options.p == 0.3
+    assert loaded.config.attentiondrop == AttentionDropConfig(p=0.3).to_dict()
+    for config in (loaded.config.text_config, loaded.config.vision_config):
+        assert config.attentiondrop is None and config._attn_implementation == "attentiondrop"  # one home: the top
+    plans = [plan_of(module) for module in attention_modules(loaded).values()]
+    assert len(plans) == 4 and all(plan.perturbed and plan.model.settings.options.p == 0.3 for plan in plans)
 
 
 def test_a_checkpoint_with_an_unregistered_variant_loads_and_evaluates(tmp_path):
-    """Inference never depends on the plugin: the variant is validated when a perturbed call needs it."""
+    """Inference never depends on the plugin: the variant must be known only to switch AttentionDrop on."""
     model = tiny_vit()
-    model.config.__dict__["attentiondrop"] = {"variant": "mine", "mine_strength": 2.0}  # as a checkpoint would hold
+    model.config.attentiondrop = {"variant": "mine", "mine_strength": 2.0}  # as a checkpoint would hold
     model.save_pretrained(tmp_path)
-    loaded = ViTForImageClassification.from_pretrained(tmp_path, attn_implementation="attentiondrop")
-    assert loaded.config.attentiondrop["variant"] == "mine" and loaded.config.attentiondrop.settings is None
+    loaded = ViTForImageClassification.from_pretrained(tmp_path)
+    assert loaded.config.attentiondrop["variant"] == "mine"
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**image_batch()).logits, model.eval()(**image_batch()).logits)
     with pytest.raises(UnknownVariantError, match=r"must be one of \['blur', 'blur2d', 'hard'\], got 'mine'"):
-        loaded.train()(**image_batch())
+        ViTForImageClassification.from_pretrained(tmp_path, attn_implementation="attentiondrop")
 
 
 def test_layer_index_out_of_range_raises_up_front():

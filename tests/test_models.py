@@ -25,7 +25,7 @@ from transformers import (
 
 from attentiondrop_hf import check_attentiondrop, disable_attentiondrop, enable_attentiondrop, force_reference_path
 from attentiondrop_hf.hf import attention as attention_glue
-from attentiondrop_hf.hf.sites import annotate_sites
+from attentiondrop_hf.hf.plan import PLAN_ATTRIBUTE, attention_modules, find_sites, plan_of
 
 VARIANTS = {
     "hard": {"variant": "hard", "p": 0.5, "top_k": 3},
@@ -62,7 +62,7 @@ def path(request):
 
 @pytest.mark.parametrize("case", cases())
 def test_roles_and_layers_detected(case):
-    sites = annotate_sites(case.build())
+    sites = find_sites(case.build())
     assert sorted({site.role for site in sites.values()}) == sorted(case.roles)
     for role in case.roles:
         layers = sorted({site.layer for site in sites.values() if site.role == role})
@@ -237,26 +237,30 @@ def test_enable_and_disable_are_exact_inverses():
     assert model.config.to_dict() == before_config
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(logits_of(model, image_batch(), seed=0), before)
+    assert not any(PLAN_ATTRIBUTE in m.__dict__ for m in model.modules())
 
-    # A model loaded with the flags returns to its base implementation and loses them.
-    model.config.attentiondrop = {"base_attn_implementation": "eager"}
-    loaded = ViTForImageClassification._from_config(model.config, attn_implementation="attentiondrop")
+    # A model loaded with the flags is the stock model switched on: disabling gives the stock model, the flags it
+    # was loaded with kept as data.
+    config = copy.deepcopy(model.config)
+    config.attentiondrop = {"base_attn_implementation": "eager"}
+    loaded = ViTForImageClassification._from_config(config, attn_implementation="attentiondrop")
+    assert loaded.config._attn_implementation == "attentiondrop_eager"
     disable_attentiondrop(loaded)
-    assert loaded.config._attn_implementation == "eager" and loaded.config.attentiondrop is None
+    assert loaded.config._attn_implementation == "eager"
+    assert loaded.config.attentiondrop == {"base_attn_implementation": "eager"}
 
 
 def test_enable_and_disable_keep_each_sub_configs_own_implementation():
     """CLIP with an eager text tower and an SDPA vision tower: each keeps its own base, and comes back as it was."""
     clip = build("clip")
     clip.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
-    implementations = [c._attn_implementation for c in (clip.config.text_config, clip.config.vision_config)]
-    assert implementations == ["eager", "sdpa"]
+    text, vision = clip.config.text_config, clip.config.vision_config
+    assert [text._attn_implementation, vision._attn_implementation] == ["eager", "sdpa"]
     before = clip.config.to_dict()
     enable_attentiondrop(clip, variant="blur")
-    text, vision = clip.config.text_config, clip.config.vision_config
-    assert text.attentiondrop["base_attn_implementation"] == "eager"
-    assert vision.attentiondrop["base_attn_implementation"] == "sdpa"
-    assert text._attn_implementation == vision._attn_implementation == "attentiondrop"
+    assert [text._attn_implementation, vision._attn_implementation] == ["attentiondrop_eager", "attentiondrop"]
+    bases = {plan_of(m).base for path, m in attention_modules(clip).items() if path.startswith("text_model")}
+    assert bases == {"eager"}
     disable_attentiondrop(clip)
     assert [text._attn_implementation, vision._attn_implementation] == ["eager", "sdpa"]
     assert clip.config.to_dict() == before
@@ -265,8 +269,8 @@ def test_enable_and_disable_keep_each_sub_configs_own_implementation():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case_id", ["vit", "clip"])
 def test_the_load_time_path_gives_what_enable_gives(case_id, variant):
-    """Flags given at load time (`from_config` + `config.attentiondrop`) reach every attention module, sub-configs
-    of composite models included, and `layers` works once the model is checked (the trainer does it)."""
+    """Flags given at load time (`from_config` + `config.attentiondrop`) are `enable_attentiondrop`: every attention
+    module, sub-configs of composite models included, and `layers`, with no further call."""
     torch.manual_seed(0)
     base = build(case_id)
     flags = {**VARIANTS[variant], "layers": [1]}
@@ -276,9 +280,6 @@ def test_the_load_time_path_gives_what_enable_gives(case_id, variant):
     loaded = type(base)._from_config(config, attn_implementation="attentiondrop")
     loaded.load_state_dict(base.state_dict())
     inputs = build_case(case_id).inputs()
-    with pytest.raises(ValueError, match=r"`layers` is set, but the layers of .* were never resolved"):
-        logits_of(loaded.train(), inputs)
-    assert check_attentiondrop(loaded)
     assert torch.equal(logits_of(enabled.train(), inputs, seed=4), logits_of(loaded.train(), inputs, seed=4))
     assert not torch.allclose(logits_of(enabled, inputs, seed=4), logits_of(base.train(), inputs, seed=4))
 
@@ -338,22 +339,29 @@ def test_models_without_the_attention_interface_are_rejected():
 @pytest.mark.parametrize(
     "case_id, targets", [("vit", ["cross"]), ("vit", ["causal"]), ("llama", ["self"]), ("gpt2", ["self", "cross"])]
 )
-def test_targets_that_match_nothing_raise_on_every_path(case_id, targets):
+def test_targets_that_match_nothing_raise_on_every_path(case_id, targets, tmp_path):
     message = rf"targets {targets!r} match no attention of".replace("[", r"\[").replace("]", r"\]")
     with pytest.raises(ValueError, match=message):
         enable_attentiondrop(build(case_id), targets=targets)
     model = build(case_id)
-    model.config.attentiondrop = {"targets": targets}
+    with pytest.raises(ValueError, match=message):  # from_config: at load
+        type(model)._from_config(model.config, attn_implementation="attentiondrop", attentiondrop={"targets": targets})
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):  # from_pretrained: at load
+        type(model).from_pretrained(tmp_path, attn_implementation="attentiondrop", attentiondrop={"targets": targets})
+    assert type(model).from_pretrained(tmp_path, attentiondrop={"targets": targets}) is not None  # stock: data only
+
+
+def test_a_model_switched_on_behind_the_plugins_back_is_refused_at_its_first_call():
+    """`Model(config)` with "attentiondrop" already on the config, or `set_attn_implementation`, build no plan: the
+    first call says how to switch AttentionDrop on, in eval too (its base is unknown)."""
+    model = tiny_vit()
     model.set_attn_implementation("attentiondrop")
-    with pytest.raises(ValueError, match=message):
+    for mode in (model.train, model.eval):
+        with pytest.raises(ValueError, match=r"never set up for it: load the model with from_pretrained"):
+            logits_of(mode(), image_batch())
+    with pytest.raises(ValueError, match=r"was never set up for it"):
         check_attentiondrop(model)  # what the trainer does when it is built
-    model = build(case_id)
-    model.config.attentiondrop = {"targets": targets}
-    model.set_attn_implementation("attentiondrop")
-    with pytest.raises(ValueError, match=message):  # a custom training loop: its first training forward
-        logits_of(model.train(), build_case(case_id).inputs())
-    with torch.no_grad():  # inference is never refused
-        logits_of(model.eval(), build_case(case_id).inputs())
 
 
 def test_layers_are_refused_where_one_module_serves_several_layers():
@@ -388,9 +396,10 @@ def test_blocked_logit_path_equals_the_one_block_reference(monkeypatch):
             patch.setattr(attention_glue, "BLOCKED_LOGITS_MIN_KEYS", 1)  # every call is "long"
             got, got_grads = gradients_of(model, inputs, seed=3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=case_id)
-        # Blocks sum the key and value gradients in another order; gradients are O(10), float32 rounding O(1e-6).
+        # Blocks sum the key and value gradients in another order; with peaked weights gradients reach O(100), so
+        # float32 rounding reaches a few 1e-5 in absolute terms (relative 1e-6).
         for key in want_grads:
-            torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-4, atol=1e-5, msg=f"{case_id} {key}")
+            torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-4, atol=1e-4, msg=f"{case_id} {key}")
 
 
 def sliding_window_mask(length, window):
@@ -444,9 +453,6 @@ def test_torch_compile_eval_has_no_graph_break_and_training_compiles():
     assert counts[("vit", "hard")] == counts[("vit", "blur")] == counts[("llama", "hard")] == 0
     assert 0 < counts[("llama", "blur")] <= 16  # padded batch: one data-dependent check per attention call
     torch._dynamo.reset()
-    model = tiny_llama()
-    model.config.attentiondrop = {**VARIANTS["hard"], "layers": [1]}
-    model.set_attn_implementation("attentiondrop")
-    check_attentiondrop(model)
+    model = enable_attentiondrop(tiny_llama(), **VARIANTS["hard"], layers=[1])
     compiled = torch.compile(model, backend="aot_eager")
     assert torch.isfinite(logits_of(compiled.train(), text_batch(), seed=0)).all()

@@ -12,6 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attentiondrop_hf import AttentionDropConfig, AttentionDropVariant, enable_attentiondrop, register_variant
+from attentiondrop_hf.hf.plan import model_plan_of
 from attentiondrop_hf.variants import get_variant, registered_variants
 from attentiondrop_hf.variants.base import is_number
 
@@ -67,7 +68,7 @@ def test_user_variant_with_its_own_flag_runs_end_to_end_and_round_trips(tmp_path
 
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path, attn_implementation="attentiondrop")
-    assert reloaded.config.attentiondrop.settings.options == TemperatureOptions(temperature=4.0)
+    assert model_plan_of(reloaded).settings.options == TemperatureOptions(temperature=4.0)
 
 
 def test_user_variant_flags_are_validated_and_other_variants_flags_warn():

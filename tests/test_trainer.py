@@ -119,19 +119,17 @@ def test_invalid_arguments_raise(tmp_path):
         AttentionDropTrainer(model=vit_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
-def test_a_model_loaded_with_attentiondrop_that_cannot_use_it_is_refused(tmp_path):
+def test_a_model_that_cannot_use_attentiondrop_is_refused_at_load(tmp_path):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    model = DebertaV2ForSequenceClassification._from_config(config, attn_implementation="attentiondrop")
     with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
-        make_trainer(model, tmp_path)
+        DebertaV2ForSequenceClassification._from_config(config, attn_implementation="attentiondrop")
 
 
-def test_a_model_loaded_with_targets_that_match_nothing_is_refused_when_the_trainer_is_built(tmp_path):
-    config = build("vit").config
-    config.attentiondrop = {"targets": ["causal"]}
-    model = ViTForImageClassification._from_config(config, attn_implementation="attentiondrop")
+def test_flags_edited_to_target_nothing_are_refused_when_the_trainer_is_built(tmp_path):
+    model = enable_attentiondrop(build("vit"), variant="hard")
+    model.config.attentiondrop["targets"] = ["causal"]
     with pytest.raises(ValueError, match=r"targets \['causal'\] match no attention of ViTForImageClassification"):
         make_trainer(model, tmp_path)
 

@@ -11,25 +11,18 @@ import torch
 from transformers import TrainerCallback
 
 from ..ops import schedule_factor
-from ..variants import get_variant
-from .flags import set_progress, settings_of
-from .sites import attention_modules
+from .plan import ModelPlan, model_plan_of
 from .switch import base_model_of
 
 __all__ = ["AttentionDropMonitorCallback", "AttentionDropScheduleCallback", "add_attentiondrop_callbacks"]
 
 
-def _attention_configs(model) -> list:
-    """The configs the model's attention modules read; none for a model that is not a Transformers model."""
+def _plan_of(model) -> ModelPlan | None:
+    """The AttentionDrop plan of the model being trained; none for a model it is not switched on for."""
     try:
-        model = base_model_of(model)
-    except TypeError:
-        return []
-    configs = []
-    for module in attention_modules(model).values():
-        if not any(module.config is known for known in configs):
-            configs.append(module.config)
-    return configs
+        return model_plan_of(base_model_of(model))
+    except TypeError:  # not a Transformers model
+        return None
 
 
 def _add_to_log(state, logs: dict, values: dict) -> None:
@@ -44,19 +37,9 @@ class AttentionDropScheduleCallback(TrainerCallback):
     `schedule`; a resumed run continues from its checkpoint's step. Logs the strength of the last step taken
     (`attentiondrop/strength`, and the scheduled options' values at full depth factor, e.g. `attentiondrop/p`)."""
 
-    def __init__(self):
-        self._model, self._configs = None, []
-
-    def _configs_of(self, model) -> list:
-        # Walking every module of the model is not work for each step: the attention modules are found once.
-        if model is not self._model:
-            self._model, self._configs = model, _attention_configs(model)
-        return self._configs
-
     def _set(self, state, model) -> None:
-        progress = state.global_step / max(state.max_steps, 1)
-        for config in self._configs_of(model):
-            set_progress(config, progress)
+        if (plan := _plan_of(model)) is not None:
+            plan.set_progress(state.global_step / max(state.max_steps, 1))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._set(state, model)
@@ -65,18 +48,15 @@ class AttentionDropScheduleCallback(TrainerCallback):
         self._set(state, model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or "loss" not in logs or model is None:
+        if logs is None or "loss" not in logs or (plan := _plan_of(model)) is None:
             return
-        configs = [c for c in self._configs_of(model) if c.__dict__.get("attentiondrop") is not None]
-        if not configs:
-            return
-        settings = settings_of(configs[0])
+        settings = plan.settings
         if settings.schedule == "constant":
             return
         # The strength of the step just taken: it began at global_step - 1.
         progress = max(state.global_step - 1, 0) / max(state.max_steps, 1)
         factor = schedule_factor(settings.schedule, settings.schedule_warmup, progress)
-        variant, full = get_variant(settings.variant), settings.options
+        variant, full = plan.variant, settings.options
         halved = vars(variant.scaled(full, 0.5))
         scaled = variant.scaled(full, factor)
         values = {"attentiondrop/strength": factor}
@@ -104,7 +84,7 @@ class AttentionDropMonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         dataset = getattr(train_dataloader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__getitem__") or not _attention_configs(model):
+        if dataset is None or not hasattr(dataset, "__getitem__") or _plan_of(model) is None:
             return
         rows = [dataset[i] for i in range(min(self.examples, len(dataset)))]
         batch = train_dataloader.collate_fn(rows)
@@ -135,7 +115,7 @@ class AttentionDropMonitorCallback(TrainerCallback):
         return values
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or "loss" not in logs or self.batch is None or not _attention_configs(model):
+        if logs is None or "loss" not in logs or self.batch is None or _plan_of(model) is None:
             return
         _add_to_log(state, logs, self.measure(model))
 

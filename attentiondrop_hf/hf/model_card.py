@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from ..config import VERSION_KEY, AttentionDropConfig
 from ..variants import get_variant
-from .sites import annotate_sites, attention_modules, decoder_only_stack
+from .plan import PLAN_ATTRIBUTE, attention_modules
 from .switch import base_model_of
 
 __all__ = [
@@ -136,15 +136,9 @@ def _metrics_table(metrics: dict[str, float] | None) -> str:
 
 
 def perturbed_roles(model) -> list[str]:
-    """The roles AttentionDrop perturbs in `model`, resolved from each attention module's flags."""
-    sites = annotate_sites(model)
-    roles = set()
-    for path, module in attention_modules(model).items():
-        flags = module.config.attentiondrop
-        if flags and AttentionDropConfig.from_dict(flags).targets_role(
-            sites[path].role, decoder_only_stack(module.config)
-        ):
-            roles.add(sites[path].role)
+    """The roles AttentionDrop perturbs in `model`, read off its plan."""
+    plans = [module.__dict__.get(PLAN_ATTRIBUTE) for module in attention_modules(model).values()]
+    roles = {plan.site.role for plan in plans if plan is not None and plan.perturbed}
     return [role for role in ROLE_NAMES if role in roles]
 
 

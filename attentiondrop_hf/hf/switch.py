@@ -1,26 +1,30 @@
-"""Switch AttentionDrop on and off on a loaded model (`enable_attentiondrop` / `disable_attentiondrop`, exact
-inverses), and check a model loaded with `attn_implementation="attentiondrop"` before it trains.
+"""Switch AttentionDrop on and off (`enable_attentiondrop` / `disable_attentiondrop`, exact inverses).
 
-Enabling writes the flags to `config.attentiondrop` (and every sub-config's), records each attention module's
-role and layer, and sets the attention implementation to `"attentiondrop"`; a model loaded with
-`from_pretrained(..., attn_implementation="attentiondrop", attentiondrop={...})` and checked by
-`check_attentiondrop` (the trainer does it) behaves identically. Both refuse flags that would perturb nothing.
+Switching on is the one way in: loading with `attn_implementation="attentiondrop"` loads the stock model and calls
+`enable_attentiondrop` on it (`hf.loading`). It validates the flags, refuses a model it cannot perturb, builds the
+plan (`hf.plan`: every attention module's role, layer and base), and only then writes: the plan on the modules,
+the flags (a plain dict) in `config.attentiondrop`, and the attention implementation of every config the model's
+attention reads.
 """
 
-from collections.abc import Callable
+import copy
 from typing import Any
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..config import BASE_IMPLEMENTATIONS, AttentionDropConfig
-from .attention import ATTN_IMPLEMENTATION
-from .flags import base_implementation_of, settings_of, sub_configs
-from .sites import Site, attention_modules, clear_sites, decoder_only_stack, find_sites, record_sites
+from .attention import BASE_OF_IMPLEMENTATION, IMPLEMENTATION_OF_BASE
+from .plan import attention_modules, build_plan, clear_plan, model_plan_of, record_plan
 
-__all__ = ["base_model_of", "check_attentiondrop", "check_supported", "disable_attentiondrop", "enable_attentiondrop"]
-
-_RESTORE_ATTRIBUTE = "_attentiondrop_restore"
+__all__ = [
+    "base_model_of",
+    "check_attentiondrop",
+    "check_supported",
+    "disable_attentiondrop",
+    "enable_attentiondrop",
+    "is_switched_on",
+]
 
 
 def base_model_of(model: torch.nn.Module) -> PreTrainedModel:
@@ -40,60 +44,43 @@ def base_model_of(model: torch.nn.Module) -> PreTrainedModel:
 
 def check_supported(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     """The model's attention modules by path; raises `ValueError` for a model AttentionDrop cannot perturb."""
+    parts = [part for part in model.modules() if isinstance(part, PreTrainedModel)]
+    unsupported = sorted({type(part).__name__ for part in parts if not part._can_set_attn_implementation()})
     modules = attention_modules(model)
-    if not modules or not model._can_set_attn_implementation():
+    if unsupported or not modules:
         raise ValueError(
             f"{type(model).__name__} does not route its attention through transformers' AttentionInterface "
-            "(ALL_ATTENTION_FUNCTIONS), so AttentionDrop cannot perturb it. Supported models call "
-            "ALL_ATTENTION_FUNCTIONS.get_interface(...) in their attention modules (ViT, DeiT, BERT, BART, Marian, "
-            "Llama, ...)."
+            f"({', '.join(unsupported) or 'no attention module found'}), so AttentionDrop cannot perturb it. "
+            "Supported models call ALL_ATTENTION_FUNCTIONS.get_interface(...) in their attention modules (ViT, DeiT, "
+            "BERT, BART, Marian, Llama, ...)."
         )
     return modules
 
 
+def _sub_configs(config: PreTrainedConfig) -> list[PreTrainedConfig]:
+    found = []
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub_config = getattr(config, key, None)
+        if isinstance(sub_config, PreTrainedConfig):
+            found.append(sub_config)
+    return found
+
+
 def _configs_of(model: PreTrainedModel, modules: dict[str, torch.nn.Module]) -> list[PreTrainedConfig]:
-    """Every config AttentionDrop writes to: the model's, its sub-configs (recursively), the attention modules'."""
+    """Every config the switch writes to: the model's, its sub-configs (recursively), the attention modules' (a
+    decoder may hold a copy of the config of its own, outside the sub-config tree: ViTMAE)."""
     configs, pending = [], [model.config, *(module.config for module in modules.values())]
     while pending:
         config = pending.pop(0)
         if not any(config is known for known in configs):
             configs.append(config)
-            pending.extend(sub_configs(config))
+            pending.extend(_sub_configs(config))
     return configs
 
 
-def _check_targets(
-    model: PreTrainedModel,
-    modules: dict[str, torch.nn.Module],
-    sites: dict[str, Site],
-    settings_for: Callable[[PreTrainedConfig], AttentionDropConfig],
-) -> None:
-    """Raise when the flags perturb no attention of the model, or name layers it does not have or cannot select."""
-    targeted = {
-        path: sites[path]
-        for path, module in modules.items()
-        if settings_for(module.config).targets_role(sites[path].role, decoder_only_stack(module.config))
-    }
-    settings = settings_for(model.config)
-    roles = sorted({site.role for site in sites.values()})
-    if not targeted:
-        raise ValueError(
-            f"AttentionDrop targets {settings.targets} match no attention of {type(model).__name__}, which has roles "
-            f"{roles}; nothing would be regularized"
-        )
-    if settings.layers is None:
-        return
-    if shared := sorted({path.rsplit(".", 1)[0] for path, site in targeted.items() if site.shared}):
-        raise ValueError(
-            f"`layers` cannot select layers of {type(model).__name__}: its attention modules {shared} each run for "
-            "several layers per forward (shared layers); leave `layers` unset"
-        )
-    depth = max(site.depth for site in targeted.values())
-    if out_of_range := [i for i in settings.layers if i >= depth]:
-        raise ValueError(
-            f"`layers` {out_of_range} out of range: the targeted stacks of {type(model).__name__} have at most "
-            f"{depth} layers"
-        )
+def _implementation_before(config: PreTrainedConfig, restore: list) -> str | None:
+    """The attention implementation a config ran before AttentionDrop was first switched on."""
+    return next((implementation for c, implementation, _ in restore if c is config), config._attn_implementation)
 
 
 def enable_attentiondrop(
@@ -106,77 +93,99 @@ def enable_attentiondrop(
             the AttentionInterface.
         config (`AttentionDropConfig` or `dict`, *optional*): the flags; or pass them as keyword arguments
             (`variant="hard", p=0.1, top_k=8`). With neither, the flags already in `model.config.attentiondrop`
-            (or the defaults) are used. `base_attn_implementation`, unless given, is each attention config's
-            current implementation when that is "sdpa" or "eager", so eval outputs do not change.
+            (or the defaults) are used. Calling it again with other flags replaces them.
 
     Returns:
         The same model.
+
+    Raises:
+        `ValueError`: invalid flags; a model that does not route its attention through the AttentionInterface; flags
+            that perturb nothing, or `layers` it does not have; attention with sinks among the targets.
     """
     base_model = base_model_of(model)
-    modules = check_supported(base_model)
     if config is not None and flags:
         raise ValueError("pass AttentionDrop flags either as `config` or as keyword arguments, not both")
     if isinstance(config, AttentionDropConfig):
         given = config.to_dict()
     else:
         given = dict(config if config is not None else flags or base_model.config.attentiondrop or {})
-    settings = AttentionDropConfig.from_dict(given)
-    sites = find_sites(base_model)
-    _check_targets(base_model, modules, sites, lambda _: settings)
-    record_sites(base_model, sites)
-
-    configs = _configs_of(base_model, modules)
-    if not hasattr(base_model, _RESTORE_ATTRIBUTE):
-        restore = [(c, c._attn_implementation, c.__dict__.get("attentiondrop")) for c in configs]
-        setattr(base_model, _RESTORE_ATTRIBUTE, restore)
-    # What each config ran before (for a model loaded with the flags: the base they named), read before writing.
-    current = [
-        base_implementation_of(c) if c._attn_implementation == ATTN_IMPLEMENTATION else c._attn_implementation
-        for c in configs
-    ]
-    base_model.config.attentiondrop = settings.to_dict()  # and every sub-config's
-    for model_config in configs:  # attention configs outside the sub-config tree
-        if model_config.attentiondrop != base_model.config.attentiondrop:
-            model_config.attentiondrop = settings.to_dict()
-    if "base_attn_implementation" not in given:
-        for model_config, implementation in zip(configs, current):
-            if implementation in BASE_IMPLEMENTATIONS:
-                model_config.attentiondrop["base_attn_implementation"] = implementation  # in place: keeps marks
-    base_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    switch_on(base_model, AttentionDropConfig.from_dict(given))
     return model
+
+
+def switch_on(model: PreTrainedModel, settings: AttentionDropConfig) -> None:
+    """Build the plan of `model` for `settings` (raising before anything is written), then write it."""
+    modules = check_supported(model)
+    configs = _configs_of(model, modules)
+    previous = model_plan_of(model)
+    restore = list(previous.restore) if previous is not None else []
+    restore += [(c, c._attn_implementation, c.attentiondrop) for c in configs if not _known(c, restore)]
+    bases = {}
+    for config in configs:
+        before = _implementation_before(config, restore)
+        base = settings.base_attn_implementation or BASE_OF_IMPLEMENTATION.get(before, before)
+        bases[id(config)] = base if base in BASE_IMPLEMENTATIONS else None
+    for path, module in modules.items():
+        if bases[id(module.config)] is None:
+            raise ValueError(
+                f"AttentionDrop runs over SDPA or eager attention; {path} ({type(module).__name__}) runs "
+                f"{_implementation_before(module.config, restore)!r}. Load the model with attn_implementation="
+                "'attentiondrop' (it keeps the model's own SDPA or eager), or pass base_attn_implementation."
+            )
+    flags = settings.to_dict()
+    plans = build_plan(model, settings, flags, {path: bases[id(m.config)] for path, m in modules.items()})
+
+    clear_plan(model)
+    record_plan(model, plans)
+    model_plan_of(model).restore = restore
+    model.config.attentiondrop = copy.deepcopy(flags)  # the user's to edit; the plan keeps what it was built from
+    for config in configs:
+        if bases[id(config)] is not None:
+            # The internal attribute, as `set_attn_implementation` does: the public setter would also overwrite the
+            # sub-configs, each of which has its own base.
+            config._attn_implementation_internal = IMPLEMENTATION_OF_BASE[bases[id(config)]]
+
+
+def _known(config: PreTrainedConfig, restore: list) -> bool:
+    return any(c is config for c, _, _ in restore)
 
 
 def disable_attentiondrop(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `enable_attentiondrop` exactly: each config's attention implementation and `config.attentiondrop` as
-    they were. A model loaded with `attn_implementation="attentiondrop"` returns to its `base_attn_implementation`
-    and loses its flags."""
+    they were before it was first switched on (for a model loaded with `attn_implementation="attentiondrop"`: the
+    stock model with the flags it was loaded with). A model that was never switched on is returned unchanged."""
     base_model = base_model_of(model)
-    modules = check_supported(base_model)
-    restore = base_model.__dict__.pop(_RESTORE_ATTRIBUTE, None)
-    if restore is None:
-        restore = [(c, base_implementation_of(c), None) for c in _configs_of(base_model, modules)]
-    for model_config, implementation, flags in restore:
-        # The internal attribute, as `set_attn_implementation` does: the public setter would also overwrite the
-        # sub-configs, each of which has its own entry here.
-        model_config._attn_implementation_internal = implementation
+    plan = model_plan_of(base_model)
+    if plan is None:
+        return model
+    for config, implementation, flags in plan.restore:
+        config._attn_implementation_internal = implementation
         if flags is None:
-            model_config.__dict__.pop("attentiondrop", None)
+            config.__dict__.pop("attentiondrop", None)
         else:
-            model_config.__dict__["attentiondrop"] = flags
-    clear_sites(base_model)
+            config.__dict__["attentiondrop"] = flags
+    clear_plan(base_model)
     return model
 
 
+def is_switched_on(model: PreTrainedModel) -> bool:
+    """Whether any config of the model's attention runs AttentionDrop."""
+    configs = [model.config, *(module.config for module in attention_modules(model).values())]
+    return any(c._attn_implementation in BASE_OF_IMPLEMENTATION for c in configs)
+
+
 def check_attentiondrop(model: torch.nn.Module) -> bool:
-    """Whether AttentionDrop is on for `model`; when it is, record its sites and refuse flags it cannot honour
-    (targets that match nothing, layers out of range or shared, a variant not registered in this process)."""
+    """Whether AttentionDrop is on for `model`. When it is and `config.attentiondrop` was edited since it was switched
+    on, switch it on again with the edited flags (the attention reads the plan, not the config)."""
     base_model = base_model_of(model)
-    modules = attention_modules(base_model)
-    configs = [base_model.config, *(module.config for module in modules.values())]
-    if not any(c._attn_implementation == ATTN_IMPLEMENTATION for c in configs):
+    if not is_switched_on(base_model):
         return False
-    modules = check_supported(base_model)
-    sites = find_sites(base_model)
-    _check_targets(base_model, modules, sites, settings_of)
-    record_sites(base_model, sites)
+    plan = model_plan_of(base_model)
+    if plan is None:
+        raise ValueError(
+            f"{type(base_model).__name__} runs the 'attentiondrop' attention implementation, but was never set up "
+            "for it: load it with attn_implementation='attentiondrop', or call attentiondrop_hf.enable_attentiondrop"
+        )
+    if base_model.config.attentiondrop != plan.flags:
+        switch_on(base_model, AttentionDropConfig.from_dict(base_model.config.attentiondrop or {}))
     return True

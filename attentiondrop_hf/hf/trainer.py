@@ -36,12 +36,10 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import logging
 
 from ..ops import summed_consistency_terms, summed_cross_entropy
-from ..variants import get_variant
 from ._compat import reload_weights_through_from_pretrained
 from .callbacks import add_attentiondrop_callbacks
-from .flags import settings_of
 from .model_card import write_model_card
-from .sites import attention_modules
+from .plan import model_plan_of
 from .switch import base_model_of, check_attentiondrop
 
 logger = logging.get_logger(__name__)
@@ -209,11 +207,8 @@ class ConsistencyMixin:
                 "through dropout (R-Drop)."
             )
             return
-        caveats = set()
-        for module in attention_modules(model).values():
-            settings = settings_of(module.config)
-            caveats.add(get_variant(settings.variant).consistency_caveat(settings.options))
-        for caveat in sorted(c for c in caveats if c):
+        plan = model_plan_of(model)
+        if caveat := plan.variant.consistency_caveat(plan.settings.options):
             logger.warning(caveat)
 
     # ---- the loss ------------------------------------------------------------------------------------------------
@@ -372,7 +367,7 @@ class ConsistencyMixin:
 
 
 def _varies_strength(model) -> bool:
-    return any(settings_of(m.config).varies_strength for m in attention_modules(model).values())
+    return model_plan_of(model).settings.varies_strength
 
 
 def _logits_of(outputs) -> torch.Tensor:

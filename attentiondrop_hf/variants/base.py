@@ -85,12 +85,16 @@ class PerturbedCall:
     Attributes:
         query (`torch.Tensor` of shape `[B, H, Q, D]`); key, value (`[B, H_kv, K, D]`).
         attendable (`torch.Tensor`, *optional*): bool, broadcastable to `[B, H, Q, K]`; `None` = every key.
-        causal (`bool`): causal self-attention (the 1-D blur is then one-sided).
+        causal (`bool`): the keys a row may attend to stop at the row (causal self-attention): the 1-D blur is
+            then one-sided.
         config (`PretrainedConfig`): the config of the attention module (its model type, sizes).
-        has_logit_terms (`bool`): a position bias, a float-mask bias or a softcap enters the logits, so key-space
-            tricks do not apply.
-        run_base (`Callable`): `run_base(query, key, value)` runs the base implementation (SDPA) with the call's
-            original mask and arguments and returns `(output [B, Q, H, D], weights or None)`.
+        run_base (`Callable`): `run_base(query, key, value)` runs the base implementation (SDPA or the model's eager)
+            with the call's original mask and arguments and returns `(output [B, Q, H, D], weights or None)`.
+        bias (`torch.Tensor`, *optional*): the finite part of a float mask (`ops.masks.attendable_keys`), a logit term.
+        position_bias (`torch.Tensor`, *optional*): a position bias added to the logits (T5).
+        softcap (`float`, *optional*): `softcap · tanh(L / softcap)` of the logits (Gemma 2).
+        scaling (`float`, *optional*): the logit scale (`D ** -0.5` when `None`).
+        dropout (`float`): attention-probability dropout of the call.
         draws (`dict[str, torch.Tensor]`): this call's random draws, filled in by `AttentionDropVariant.sample`.
     """
 
@@ -100,9 +104,23 @@ class PerturbedCall:
     attendable: torch.Tensor | None
     causal: bool
     config: Any
-    has_logit_terms: bool
     run_base: Callable
+    bias: torch.Tensor | None = None
+    position_bias: torch.Tensor | None = None
+    softcap: float | None = None
+    scaling: float | None = None
+    dropout: float = 0.0
     draws: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def logit_terms(self) -> dict[str, Any]:
+        """What the model adds to `Q Kᵀ · scale`, as keyword arguments of `ops.logit_space_attention`."""
+        return {"bias": self.bias, "position_bias": self.position_bias, "softcap": self.softcap}
+
+    @property
+    def has_logit_terms(self) -> bool:
+        """A position bias, a float-mask bias or a softcap enters the logits: key-space tricks do not apply."""
+        return any(term is not None for term in self.logit_terms.values())
 
 
 class AttentionDropVariant:
