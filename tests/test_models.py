@@ -105,6 +105,22 @@ def test_training_passes_differ_and_the_seed_reproduces(case, variant):
     assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", cases())
+def test_every_parameter_that_learns_without_the_plugin_learns_with_it(case, variant):
+    """A perturbed training step gives a gradient to every parameter the stock step gives one to (BEiT's and Swin's
+    relative position bias tables start at zero: their gradient must not depend on their value)."""
+
+    def learning(model):
+        model.zero_grad()
+        logits = logits_of(model.train(), case.inputs(), seed=1)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    base, model = twins(case, **VARIANTS[variant])
+    assert learning(model) == learning(base)
+
+
 @pytest.mark.parametrize("case", cases(tag="decoder_only"))
 def test_default_targets_perturb_decoder_only_models(case):
     """No silent no-op: with the default targets a language model's causal self-attention is regularized."""
@@ -205,6 +221,26 @@ def test_output_attentions_returns_the_perturbed_probabilities():
     for probs in attentions:
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
         assert torch.equal((probs == 0).sum(-1), torch.full(probs.shape[:-1], 2))  # the two largest removed
+
+
+def test_attention_weights_are_asked_for_per_call():
+    """Transformers' `config.output_attentions` setter accepts only "eager": the README's way is the per-call
+    `output_attentions=True`, which gives the base's weights in eval (over an eager base: bit for bit the stock
+    eager weights) and the perturbed weights in training."""
+    torch.manual_seed(0)
+    base = tiny_vit()
+    base.set_attn_implementation("eager")
+    config = copy.deepcopy(base.config)
+    model = ViTForImageClassification._from_config(config, attn_implementation="attentiondrop_eager")
+    model.load_state_dict(base.state_dict())
+    with pytest.raises(ValueError, match="output_attentions"):
+        model.config.output_attentions = True
+    with torch.no_grad():
+        got = model.eval()(**image_batch(), output_attentions=True).attentions
+        want = base.eval()(**image_batch(), output_attentions=True).attentions
+    assert len(got) == 2 and all(torch.equal(g, w) for g, w in zip(got, want))
+    trained = model.train()(**image_batch(), output_attentions=True).attentions
+    assert len(trained) == 2 and not torch.allclose(trained[0], want[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -205,6 +205,26 @@ def test_a_model_whose_loss_the_trainer_does_not_reproduce_is_refused(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("term", [1e-2, 1e-4])
+def test_a_small_auxiliary_term_the_trainer_does_not_add_is_refused(term, tmp_path):
+    """The first-step check is exact to float32 rounding on a few examples: an extra term of 1e-4 of the loss (a
+    router loss with a small coefficient) is caught, where a 1e-3 relative tolerance let it through."""
+
+    class ViTWithAuxiliaryTermForImageClassification(ViTForImageClassification):
+        def forward(self, pixel_values=None, labels=None, **kwargs):
+            outputs = super().forward(pixel_values=pixel_values, labels=labels, **kwargs)
+            if labels is not None:
+                outputs.loss = outputs.loss * (1 + term)
+            return outputs
+
+    torch.manual_seed(0)
+    model = ViTWithAuxiliaryTermForImageClassification(build("vit").config)
+    model = enable_attentiondrop(model, variant="hard", p=0.5)
+    trainer = make_trainer(model, tmp_path, vit_rows(), max_steps=1)
+    with pytest.raises(ValueError, match=r"differs from the model's own loss"):
+        trainer.train()
+
+
 def test_shapes_the_kl_does_not_cover_are_refused_at_lambda_positive(tmp_path):
     config = BeitConfig(
         hidden_size=32,

@@ -46,6 +46,8 @@ _SEQ2SEQ = dict(
     dropout=0.0,
     attention_dropout=0.0,
     activation_dropout=0.0,
+    encoder_layerdrop=0.0,  # M2M100's default 0.05 skips layers at random in training
+    decoder_layerdrop=0.0,
 )
 _DECODER = dict(
     vocab_size=VOCAB,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -35,7 +36,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.trainer_pt_utils import nested_gather
 from transformers.utils import logging
 
-from ..ops import summed_consistency_terms, summed_cross_entropy
+from ..ops import summed_consistency_terms
 from ._compat import reload_weights_through_from_pretrained
 from .callbacks import add_attentiondrop_callbacks
 from .model_card import write_model_card
@@ -55,9 +56,12 @@ __all__ = [
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "symmetric")
-# Relative tolerance of the first-step check against the model's own loss: the same logits, two implementations of
-# a mean cross-entropy (float32 sums over up to millions of items differ in the 6th digit).
-MODEL_LOSS_RTOL = 1e-3
+# The first-step check against the model's own loss runs on this many examples of the first batch: few enough items
+# that the model's float32 mean cross-entropy is exact to about 1e-7, so the check can be tight.
+MODEL_LOSS_CHECK_EXAMPLES = 2
+# Its relative tolerance: float32 rounding of the model's loss over a few hundred items stays below 1e-6; any
+# auxiliary term the trainer failed to add (a router's load-balancing loss is >= 1e-4 of the loss) is far above it.
+MODEL_LOSS_RTOL = 2e-5
 
 
 def _check_consistency(weight, direction) -> None:
@@ -281,7 +285,13 @@ class ConsistencyMixin:
 
     def _check_against_model_loss(self, model, inputs, prepared, labels) -> None:
         """First step only: the loss this trainer computes (with lambda's term left out and no label smoothing)
-        must equal the model's own loss on the same batch, in eval mode (no perturbation, no dropout)."""
+        must equal the model's own loss on the same examples, in eval mode (no perturbation, no dropout), to float32
+        rounding. A few examples keep that rounding small, so a missing auxiliary term cannot pass."""
+        batch = labels.shape[0]
+        few = min(batch, MODEL_LOSS_CHECK_EXAMPLES)
+        inputs, prepared = (
+            {k: v[:few] if _is_batched(v, batch) else v for k, v in d.items()} for d in (inputs, prepared)
+        )
         was_training = model.training
         model.eval()
         try:
@@ -296,14 +306,18 @@ class ConsistencyMixin:
                 f"consistency_weight > 0 needs a model that computes its own loss from `labels`; "
                 f"{type(base_model_of(self.accelerator.unwrap_model(model))).__name__} returned none"
             )
-        logits, target = self._aligned(_logits_of(outputs), labels)
+        logits, target = self._aligned(_logits_of(outputs), labels[:few])
         config = base_model_of(self.accelerator.unwrap_model(model)).config
-        ours = summed_cross_entropy(logits, target) / target.ne(IGNORE_INDEX).sum() + _auxiliary_loss(outputs, config)
-        own = own.float().mean()
-        if not torch.isclose(ours, own, rtol=MODEL_LOSS_RTOL, atol=1e-5):
+        # float64: this side adds no rounding of its own.
+        cross_entropy = F.cross_entropy(
+            logits.double().flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        ours = cross_entropy / target.ne(IGNORE_INDEX).sum() + _auxiliary_loss(outputs, config)
+        own = own.double().mean()
+        if not torch.isclose(ours, own, rtol=MODEL_LOSS_RTOL, atol=1e-7):
             raise ValueError(
-                f"the consistency trainer's loss ({ours.item():.6f}) differs from the model's own loss "
-                f"({own.item():.6f}) on the same batch: the model computes its loss in a way this trainer does not "
+                f"the consistency trainer's loss ({ours.item():.8f}) differs from the model's own loss "
+                f"({own.item():.8f}) on the same examples: the model computes its loss in a way this trainer does not "
                 "reproduce (label shift, extra terms), so consistency_weight > 0 would train another objective. "
                 "Train it with consistency_weight=0."
             )
@@ -378,7 +392,8 @@ def _logits_of(outputs) -> torch.Tensor:
 def _auxiliary_loss(outputs, config) -> torch.Tensor | float:
     """The auxiliary terms a model adds to its own loss: a mixture-of-experts router's load-balancing loss."""
     aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-    coefficient = getattr(config, "router_aux_loss_coef", None)
+    # Mixtral-style routers name the coefficient `router_aux_loss_coef`, JetMoE `aux_loss_coef`.
+    coefficient = getattr(config, "router_aux_loss_coef", None) or getattr(config, "aux_loss_coef", None)
     if aux is None or not coefficient:
         return 0.0
     return coefficient * aux.float().mean()  # mean: DataParallel gathers one per device
