@@ -1,4 +1,5 @@
-"""The package's layers import one way: `ops` (pure torch) <- `variants` <- `config` <- `hf` (Transformers)."""
+"""The package's layers import one way: `version` (a leaf) <- `ops` (pure torch) <- `variants` <- `config` <- `hf`
+(Transformers) <- the package root, which only gathers the public names: nothing below it imports it."""
 
 import ast
 import os
@@ -7,13 +8,17 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "attentiondrop_hf")
 # Layer of each part of the package, lowest first; a module may import its own layer and those below it.
-LAYERS = {"ops": 0, "variants": 1, "config": 2, "hf": 3}
+LAYERS = {"version": 0, "ops": 1, "variants": 2, "config": 3, "hf": 4}
+ROOT = 5  # `attentiondrop_hf` itself (its __init__)
 
 
 def layer_of(module: str) -> int | None:
-    """The layer of `attentiondrop_hf.<part>...` (or of a relative import resolved to it)."""
+    """The layer of `attentiondrop_hf.<part>...` (or of a relative import resolved to it); the root's for
+    `attentiondrop_hf` itself (`import attentiondrop_hf`, `from . import name` at the top of the package)."""
     parts = module.split(".")
-    return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "attentiondrop_hf" else None
+    if parts[0] != "attentiondrop_hf":
+        return None
+    return LAYERS.get(parts[1]) if len(parts) > 1 else ROOT
 
 
 def imports(path: str, package: str) -> list[str]:
@@ -32,6 +37,7 @@ def imports(path: str, package: str) -> list[str]:
 
 
 def package_files():
+    yield "root", os.path.join(PACKAGE, "__init__.py"), "attentiondrop_hf"
     for part in LAYERS:
         folder = os.path.join(PACKAGE, part)
         paths = (
@@ -46,8 +52,26 @@ def package_files():
 
 @pytest.mark.parametrize("part, path, package", list(package_files()), ids=lambda v: os.path.basename(str(v)))
 def test_imports_point_down_the_layers(part, path, package):
+    layer = ROOT if part == "root" else LAYERS[part]
     for module in imports(path, package):
         if layer_of(module) is not None:
-            assert layer_of(module) <= LAYERS[part], f"{path} imports {module}"
-        if LAYERS[part] < LAYERS["hf"]:
+            assert layer_of(module) <= layer, f"{path} imports {module}"
+        if layer < LAYERS["hf"]:
             assert not module.startswith(("transformers", "accelerate", "datasets")), f"{path} imports {module}"
+
+
+def test_the_layers_check_sees_an_import_of_the_package_root():
+    """`from . import __version__` in config.py once ran back up to the root: the check must catch that arrow."""
+    assert layer_of("attentiondrop_hf") == ROOT > LAYERS["config"]
+    assert imports_of_source("from . import __version__", "attentiondrop_hf") == ["attentiondrop_hf"]
+
+
+def imports_of_source(source: str, package: str) -> list[str]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
+        handle.write(source)
+    try:
+        return imports(handle.name, package)
+    finally:
+        os.unlink(handle.name)
