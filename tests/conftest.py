@@ -1,6 +1,7 @@
 """Offline settings and registry hygiene for every test; the model table lives in `testing_common`."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -32,3 +33,10 @@ def restore_registries():
     AttentionInterface._global_mapping.update(attention)
     AttentionMaskInterface._global_mapping.clear()
     AttentionMaskInterface._global_mapping.update(masks)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The architecture sweep's counts (tests/test_architectures.py), when it ran."""
+    sweep = sys.modules.get("test_architectures")
+    if sweep is not None and sweep.RESULTS:
+        terminalreporter.write_line(sweep.summary())

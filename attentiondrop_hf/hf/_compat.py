@@ -10,7 +10,11 @@ from packaging.version import Version
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-__all__ = ["TRAINER_RELOADS_LEGACY_KEYS_WRONGLY", "reload_weights_through_from_pretrained"]
+__all__ = [
+    "BRANCHES_ON_THE_IMPLEMENTATION_NAME",
+    "TRAINER_RELOADS_LEGACY_KEYS_WRONGLY",
+    "reload_weights_through_from_pretrained",
+]
 
 # huggingface/transformers#43701: Transformers 5.x saves some models (ViT among them) under their legacy Hub key
 # names and renames them back in `from_pretrained`; the Trainer's resume and best-model paths call `load_state_dict`
@@ -37,3 +41,12 @@ def reload_weights_through_from_pretrained(model, checkpoint: str | None, sharde
     reloaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
     model.load_state_dict(reloaded.state_dict())  # strict: every key must match
     return True
+
+
+# Model types whose modeling code builds its attention mask by comparing the implementation's name with "sdpa":
+# under "attentiondrop" it builds eager's float mask instead, and eval would not equal the stock model (GLM-5-Next's
+# sparse-attention mask: logits off by about 1 in a tiny model). Checked on Transformers 5.24 (the sweep of
+# tests/test_architectures.py finds them); AttentionDrop refuses them.
+BRANCHES_ON_THE_IMPLEMENTATION_NAME = {
+    "glm5_next_text": "it builds its sparse-attention mask in SDPA's format only for an implementation named 'sdpa'",
+}

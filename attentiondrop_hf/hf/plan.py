@@ -21,6 +21,7 @@ load-time path); the attention function reads it and nothing else.
 """
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 PLAN_ATTRIBUTE = "_attentiondrop_plan"
-# Attention sinks enter the softmax as an extra logit per head; no variant perturbs them.
-SINK_ATTRIBUTES = ("sinks", "s_aux")
 # Below a decoder layer, the attention whose name says one of these reads the encoder's states.
 CROSS_NAMES = ("cross", "encoder", "encdec")
 
@@ -161,21 +160,37 @@ class SitePlan:
         return self.model.options_at(self.site) if self.perturbed else None
 
 
+@functools.cache
+def _calls_the_interface(module_class: type) -> bool:
+    """Whether the class's `forward` looks its attention function up in Transformers' `ALL_ATTENTION_FUNCTIONS`:
+    the global names its code object references (not its source text), decorators unwrapped."""
+    forward = inspect.unwrap(module_class.forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
 def is_attention_module(module: torch.nn.Module) -> bool:
-    """A module that calls the AttentionInterface: it reads `self.config._attn_implementation` (so it holds its
-    config) and is an attention layer (`is_causal` for SDPA, or an attention class)."""
+    """A module that calls the AttentionInterface (with its `config`'s implementation): the modules the attention
+    function is handed. Attention written out by hand in a model's own code is not one (BigBird's block-sparse
+    attention, DeBERTa's disentangled attention)."""
     return (
         isinstance(getattr(module, "config", None), PreTrainedConfig)
         and not isinstance(module, PreTrainedModel)
-        and (hasattr(module, "is_causal") or type(module).__name__.endswith(("Attention", "SelfAttention")))
+        and _calls_the_interface(type(module))
     )
 
 
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every attention module of `model`, by path: the innermost, which call the interface (BERT's `attention.self`,
-    not the `attention` block around it)."""
-    found = {path: module for path, module in model.named_modules() if is_attention_module(module)}
-    return {path: module for path, module in found.items() if not any(p.startswith(path + ".") for p in found)}
+    """Every attention module of `model`, by path."""
+    return {path: module for path, module in model.named_modules() if is_attention_module(module)}
+
+
+def has_sinks(module: torch.nn.Module) -> bool:
+    """Whether the module holds attention sinks (GPT-OSS's `sinks` parameter, a `sink_proj` computing them per
+    token): an extra logit per row that no variant perturbs."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    names += [name for name, _ in module.named_children()] + [name for name, _ in module.named_buffers(recurse=False)]
+    return any("sink" in name.lower() or name == "s_aux" for name in names)
 
 
 def _prefix(model: torch.nn.Module, part: torch.nn.Module | None) -> str | None:
@@ -331,11 +346,7 @@ def _check_targets(model: PreTrainedModel, plans: dict[str, SitePlan], settings:
                 f"`layers` {out_of_range} out of range: the targeted stacks of {name} have at most {depth} layers"
             )
     modules = dict(model.named_modules())
-    if sinks := sorted(
-        path
-        for path, plan in plans.items()
-        if plan.perturbed and any(getattr(modules[path], a, None) is not None for a in SINK_ATTRIBUTES)
-    ):
+    if sinks := sorted(path for path, plan in plans.items() if plan.perturbed and has_sinks(modules[path])):
         raise ValueError(
             f"AttentionDrop cannot perturb attention with sinks ({name}: {sinks[0]}, ...): leave the role "
             f"{plans[sinks[0]].site.role!r} out of `targets`"

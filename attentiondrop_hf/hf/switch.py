@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..config import BASE_IMPLEMENTATIONS, AttentionDropConfig
+from ._compat import BRANCHES_ON_THE_IMPLEMENTATION_NAME
 from .attention import BASE_OF_IMPLEMENTATION, IMPLEMENTATION_OF_BASE
 from .plan import attention_modules, build_plan, clear_plan, model_plan_of, record_plan
 
@@ -47,6 +48,13 @@ def check_supported(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     parts = [part for part in model.modules() if isinstance(part, PreTrainedModel)]
     unsupported = sorted({type(part).__name__ for part in parts if not part._can_set_attn_implementation()})
     modules = attention_modules(model)
+    model_types = {getattr(part.config, "model_type", None) for part in model.modules() if hasattr(part, "config")}
+    if branching := sorted(model_types & set(BRANCHES_ON_THE_IMPLEMENTATION_NAME)):
+        reason = BRANCHES_ON_THE_IMPLEMENTATION_NAME[branching[0]]
+        raise ValueError(
+            f"AttentionDrop cannot run on {type(model).__name__} ({branching[0]}): {reason}, so its eval output "
+            "would not be the stock model's"
+        )
     if unsupported or not modules:
         raise ValueError(
             f"{type(model).__name__} does not route its attention through transformers' AttentionInterface "

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -56,11 +56,10 @@ __all__ = [
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "symmetric")
-# The first-step check against the model's own loss runs on this many examples of the first batch: few enough items
-# that the model's float32 mean cross-entropy is exact to about 1e-7, so the check can be tight.
-MODEL_LOSS_CHECK_EXAMPLES = 2
-# Its relative tolerance: float32 rounding of the model's loss over a few hundred items stays below 1e-6; any
-# auxiliary term the trainer failed to add (a router's load-balancing loss is >= 1e-4 of the loss) is far above it.
+# Relative tolerance of the first-step check against the model's own loss. Both sides start from the same float32
+# logits; this side sums in float64 and Transformers' reductions sum in float32 pairwise, whose rounding stays near
+# 1e-7 even over a large batch. Any auxiliary term the trainer failed to add (a router's load-balancing loss is
+# >= 1e-4 of the loss) is far above it.
 MODEL_LOSS_RTOL = 2e-5
 
 
@@ -185,11 +184,11 @@ class ConsistencyMixin:
         self._forward_kwargs = {"use_cache": False} if "use_cache" in forward else {}
         self._shifts_labels = model is not None and shifts_labels(model)
         self._checked_against_model_loss = False
-        self._term_sums: dict[str, torch.Tensor] = {}
-        self._log_window = 1
         if self.consistency_weight > 0:
             self._warn_about_the_copies(model)
         add_attentiondrop_callbacks(self, monitor=bool(monitor_attention))
+        self.consistency_terms = ConsistencyTermsCallback()
+        self.callback_handler.callbacks.insert(0, self.consistency_terms)  # before the callbacks that print logs
         if self._attentiondrop_on and self.args.torch_compile and _varies_strength(model):
             logger.warning(
                 "a strength schedule or depth rule changes AttentionDrop's options between steps or layers: "
@@ -235,6 +234,12 @@ class ConsistencyMixin:
             self._checked_against_model_loss = True
 
         batch = labels.shape[0]
+        if unpaired := [f"{k} {tuple(v.shape)}" for k, v in prepared.items() if _is_unpaired(v, batch)]:
+            raise ValueError(
+                f"consistency_weight > 0 doubles the batch, but {unpaired} have no row per example (flattened image "
+                f"patches?) for a batch of {batch}, so their rows cannot be paired with the doubled examples; train "
+                "this model with consistency_weight=0"
+            )
         doubled = {k: torch.cat([v, v]) if _is_batched(v, batch) else v for k, v in prepared.items()}
         outputs = model(**doubled, **self._forward_kwargs)
         logits, target = self._aligned(_logits_of(outputs), labels)
@@ -259,14 +264,16 @@ class ConsistencyMixin:
             scale if self.loss_is_scaled_for_ga else 1 / getattr(self, "current_gradient_accumulation_steps", 1)
         )
         for name, value in terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach() * log_scale
+            self.consistency_terms.add(name, value.detach() * log_scale)
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
 
     def _model_inputs(self, model, inputs, labels) -> dict:
         """The batch as the model's forward takes it without labels (seq2seq: with the decoder inputs it builds)."""
         prepared = {k: v for k, v in inputs.items() if k != "labels"}
-        wants_decoder_inputs = getattr(model.config, "is_encoder_decoder", False)
+        # Token labels of a sequence-to-sequence LM: it builds its decoder inputs from them. Class labels of an
+        # encoder-decoder classifier (BART's): it builds them from its inputs itself.
+        wants_decoder_inputs = getattr(model.config, "is_encoder_decoder", False) and labels.dim() > 1
         if wants_decoder_inputs and "decoder_input_ids" not in prepared and "decoder_inputs_embeds" not in prepared:
             prepared["decoder_input_ids"] = decoder_input_ids_from_labels(model, labels)
         return prepared
@@ -285,13 +292,8 @@ class ConsistencyMixin:
 
     def _check_against_model_loss(self, model, inputs, prepared, labels) -> None:
         """First step only: the loss this trainer computes (with lambda's term left out and no label smoothing)
-        must equal the model's own loss on the same examples, in eval mode (no perturbation, no dropout), to float32
-        rounding. A few examples keep that rounding small, so a missing auxiliary term cannot pass."""
-        batch = labels.shape[0]
-        few = min(batch, MODEL_LOSS_CHECK_EXAMPLES)
-        inputs, prepared = (
-            {k: v[:few] if _is_batched(v, batch) else v for k, v in d.items()} for d in (inputs, prepared)
-        )
+        must equal the model's own loss on the same batch, in eval mode (no perturbation, no dropout), to float32
+        rounding, so that a missing auxiliary term cannot pass."""
         was_training = model.training
         model.eval()
         try:
@@ -306,7 +308,7 @@ class ConsistencyMixin:
                 f"consistency_weight > 0 needs a model that computes its own loss from `labels`; "
                 f"{type(base_model_of(self.accelerator.unwrap_model(model))).__name__} returned none"
             )
-        logits, target = self._aligned(_logits_of(outputs), labels[:few])
+        logits, target = self._aligned(_logits_of(outputs), labels)
         config = base_model_of(self.accelerator.unwrap_model(model)).config
         # float64: this side adds no rounding of its own.
         cross_entropy = F.cross_entropy(
@@ -317,7 +319,7 @@ class ConsistencyMixin:
         if not torch.isclose(ours, own, rtol=MODEL_LOSS_RTOL, atol=1e-7):
             raise ValueError(
                 f"the consistency trainer's loss ({ours.item():.8f}) differs from the model's own loss "
-                f"({own.item():.8f}) on the same examples: the model computes its loss in a way this trainer does not "
+                f"({own.item():.8f}) on the same batch: the model computes its loss in a way this trainer does not "
                 "reproduce (label shift, extra terms), so consistency_weight > 0 would train another objective. "
                 "Train it with consistency_weight=0."
             )
@@ -345,21 +347,6 @@ class ConsistencyMixin:
 
     # ---- logging, cards, checkpoints -------------------------------------------------------------------------------
 
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # The Trainer averages `loss` over the optimizer steps since the last log; remember that window.
-        self._log_window = max(self.state.global_step - self._globalstep_last_logged, 1)
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._term_sums:
-            for name, total in self._term_sums.items():
-                total = torch.as_tensor(total, device=self.args.device)
-                value = nested_gather(total, self.args.parallel_mode).mean().item() / self._log_window
-                # A KL is >= 0; float32 rounding of two equal distributions can leave -1e-9.
-                logs[name] = max(value, 0.0) if name == "consistency_loss" else value
-            self._term_sums = {}
-        super().log(logs, *args, **kwargs)
-
     def create_model_card(self, *args, **kwargs) -> None:
         """The Trainer's card (also written by `push_to_hub`), with an AttentionDrop section and tags."""
         model = self._transformers_model()
@@ -368,6 +355,8 @@ class ConsistencyMixin:
             return super().create_model_card(*args, **kwargs)
         write_model_card(self, super().create_model_card, flags, args, kwargs)
 
+    # Private Trainer methods, overridden only for huggingface/transformers#43701 (`_compat`); their signatures are
+    # checked against the Transformers release by tests/test_trainer.py::test_the_private_trainer_methods_we_override.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
@@ -378,6 +367,50 @@ class ConsistencyMixin:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if not reload_weights_through_from_pretrained(self.model, self.state.best_model_checkpoint, sharded):
             super()._load_best_model()
+
+
+class ConsistencyTermsCallback(TrainerCallback):
+    """Logs the task and consistency terms beside `loss` (`task_loss`, `consistency_loss`), averaged like the Trainer
+    averages `loss`: over the optimizer steps since the last log, and over processes. Put first among the callbacks
+    so that the printing and reporting callbacks see the terms."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self._last_logged_step = 0
+        self._said_kl_is_small = False
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_logged_step = state.global_step  # a resumed run counts from its checkpoint, as the Trainer does
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self.sums:
+            return
+        window = max(state.global_step - self._last_logged_step, 1)
+        self._last_logged_step = state.global_step
+        values = {}
+        for name, total in self.sums.items():
+            total = torch.as_tensor(total, device=args.device)
+            values[name] = nested_gather(total, args.parallel_mode).mean().item() / window
+        self.sums = {}
+        # A KL is >= 0; float32 rounding of two equal distributions can leave -1e-9.
+        if "consistency_loss" in values:
+            values["consistency_loss"] = max(values["consistency_loss"], 0.0)
+            self._explain_a_small_kl(values["consistency_loss"])
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)  # the history the Trainer already appended this log to
+
+    def _explain_a_small_kl(self, kl: float) -> None:
+        if kl < 1e-6 and not self._said_kl_is_small:
+            self._said_kl_is_small = True
+            logger.warning(
+                f"consistency_loss is {kl:.1e}: the two perturbed passes barely differ yet. On a freshly initialised "
+                "model attention logits are near zero, so replacing some by 0 (hard masking) or blurring them changes "
+                "little; the KL grows as attention sharpens during training."
+            )
 
 
 def _varies_strength(model) -> bool:
@@ -401,6 +434,10 @@ def _auxiliary_loss(outputs, config) -> torch.Tensor | float:
 
 def _is_batched(value, batch: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _is_unpaired(value, batch: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] != batch
 
 
 class AttentionDropTrainer(ConsistencyMixin, Trainer):
