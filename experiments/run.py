@@ -163,7 +163,12 @@ def balanced_split(labels, per_class_first: int | None, per_class_second: int | 
         members = order[labels[order] == value]
         wanted = n_first + (per_class_second if per_class_second is not None else 0)
         if len(members) < wanted:
-            raise ValueError(f"class {value!r} has {len(members)} examples, fewer than the {wanted} asked for")
+            smallest = min(int((labels == v).sum()) for v in set(labels.tolist()))
+            raise ValueError(
+                f"class {value!r} has {len(members)} examples, fewer than the {wanted} asked for (the smallest class "
+                f"has {smallest}): pass smaller subsets, e.g. --set data.validation_per_class=0 "
+                f"data.train_per_class={smallest}, or leave data.* unset to train on all of your data"
+            )
         first.append(members[:n_first])
         end = None if per_class_second is None else n_first + per_class_second
         second.append(members[n_first:end])
@@ -452,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = os.environ.get("ATTENTIONDROP_DATA", DEFAULT_DATA)
     if protocol["task"] == "image-classification":
+        if args.train_file and not any(setting.startswith("data.") for setting in args.set):
+            # Your own data: all of it trains (class balance as it is); the protocol's subset sizes were chosen for
+            # CIFAR-10 and the evaluation runs on --validation_file, so nothing is held out.
+            protocol["data"] = {**protocol["data"], "train_per_class": None, "validation_per_class": 0}
         train_file = args.train_file or os.path.join(data_dir, protocol["data"]["train"])
         test_file = args.validation_file or os.path.join(data_dir, protocol["data"]["test"])
         label_column = args.label_column_name or "label"

@@ -250,6 +250,34 @@ def test_runner_skips_runs_whose_json_exists_and_renders(tmp_path, monkeypatch):
     assert sorted(launched) == [("hard", 1), ("none", 1)]
 
 
+def test_the_documented_own_data_command_trains_on_all_of_an_unbalanced_dataset(tmp_path, monkeypatch):
+    """`run.py cifar10-small --train_file ... --validation_file ...` on a dataset whose classes are unbalanced (and
+    smaller than the protocol's CIFAR subsets): every training image is used; asked-for subsets that a class cannot
+    fill raise naming the `--set` to pass."""
+    images = str(tmp_path / "images.parquet")
+    rng = np.random.default_rng(0)
+    labels = [0] * 9 + [1] * 3
+    pixels = [PILImage.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in labels]
+    features = Features({"img": Image(), "label": ClassLabel(names=["cat", "dog"])})
+    Dataset.from_dict({"img": pixels, "label": labels}, features=features).to_parquet(images)
+    seen = []
+
+    def fake_launch(spec, log_path):
+        train = spec["argv"][spec["argv"].index("--train_file") + 1]
+        seen.append(Dataset.from_parquet(train)["label"])
+        run.write_json(spec["result_path"], _record(spec["row"], spec["seed"], 0.6, 11.0))
+        return 0
+
+    monkeypatch.setattr(run, "launch", fake_launch)
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    argv = ["cifar10-small", "--rows", "none", "--seeds", "0", "--results_dir", str(tmp_path / "results")]
+    assert run.main([*argv, "--train_file", images, "--validation_file", images]) == 0
+    assert sorted(seen[0]) == sorted(labels)
+    sizes = ["--set", "data.train_per_class=5", "data.validation_per_class=0"]
+    with pytest.raises(ValueError, match=r"class 1 has 3 examples, .* data.train_per_class=3"):
+        run.main([*argv, "--train_file", images, "--validation_file", images, *sizes])
+
+
 @pytest.mark.slow
 def test_gpu_protocol_runs_end_to_end_at_a_tiny_size_on_cpu(tmp_path, monkeypatch):
     """The GPU protocol's most involved row (AttentionDrop + consistency) through the recipe in a subprocess, every
