@@ -170,7 +170,31 @@ def test_the_monitor_logs_entropies_and_the_variants_terms_per_layer(flags, term
         else:  # p = 1, top_k = 2, mask: exactly the two largest weights of every row are removed
             assert 0 < value < 1
     figure = training_curves_figure(trainer.state.log_history)
-    assert "attention (monitor)" in [axis.get_title() for axis in figure.axes]
+    titles = [axis.get_title() for axis in figure.axes]
+    assert "attention entropy (monitor)" in titles and f"attentiondrop/{term}" in titles
+
+
+def test_the_curves_draw_every_logged_term_and_each_distinct_metric_once():
+    """A user variant's monitor term gets its panel like the built-ins'; equal metrics (a classifier's loss and
+    NLL) share one labelled panel; one legend for the loss and the KL."""
+    history = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "task_loss": 0.9 / s,
+            "consistency_loss": 0.01 * s,
+            "attentiondrop/temperature_gap": 0.1 * s,
+        }
+        for s in (1, 2, 3)
+    ]
+    history += [{"step": s, "eval_loss": 0.5 / s, "eval_nll": 0.5 / s, "eval_accuracy": 0.1 * s} for s in (2, 3)]
+    figure = training_curves_figure(history)
+    titles = [axis.get_title() for axis in figure.axes]
+    assert "attentiondrop/temperature_gap" in titles
+    assert titles.count("evaluation: loss = nll") == 1 and "evaluation: accuracy" in titles
+    assert sum(axis.get_legend() is not None for axis in figure.axes) == 1
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["loss", "task loss", "consistency KL"]
 
 
 def test_the_monitor_measures_the_mass_hard_masking_removes():

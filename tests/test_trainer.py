@@ -413,7 +413,7 @@ def test_logged_kl_is_never_negative_and_curves_give_it_its_own_axis(tmp_path):
     kl_axis = next(axis for axis in figure.axes if any(line.get_label() == "consistency KL" for line in axis.lines))
     assert kl_axis is not training and kl_axis.get_ylabel() == "consistency KL"
     assert [line.get_label() for line in training.lines] == ["loss", "task loss"]
-    assert {accuracy.get_title(), loss.get_title()} == {"loss", "accuracy"}
+    assert {accuracy.get_title(), loss.get_title()} == {"evaluation: loss", "evaluation: accuracy"}
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
@@ -540,6 +540,8 @@ def test_card_metadata_round_trips_through_huggingface_hub(tmp_path):
     assert got == pytest.approx({"loss": metrics["eval_loss"]})
     assert {(r.task_type, r.dataset_type) for r in results} == {("image-classification", "cifar10")}
     assert "This checkpoint was trained with **AttentionDrop**" in card.text
+    assert "The last evaluation of the run, on the checkpoint at the end of training." in card.text
+    assert "More information needed" not in card.text  # the card is ours, not the stock card edited
 
 
 def test_a_plain_torch_module_trains_as_with_the_stock_trainer_and_is_refused_at_lambda_positive(tmp_path):

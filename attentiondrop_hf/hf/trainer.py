@@ -347,13 +347,41 @@ class ConsistencyMixin:
 
     # ---- logging, cards, checkpoints -------------------------------------------------------------------------------
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        """The Trainer's card (also written by `push_to_hub`), with an AttentionDrop section and tags."""
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """The Trainer's `create_model_card` (also called by `push_to_hub`), with the card of a regularized
+        checkpoint: how it was regularized, its data, hyperparameters, evaluation and training curves."""
+        arguments = {
+            "language": language,
+            "license": license,
+            "tags": tags,
+            "model_name": model_name,
+            "finetuned_from": finetuned_from,
+            "tasks": tasks,
+            "dataset_tags": dataset_tags,
+            "dataset": dataset,
+            "dataset_args": dataset_args,
+        }
         model = self._transformers_model()
-        flags = None if model is None else getattr(model.config, "attentiondrop", None)
+        flags = None if model is None else model.config.attentiondrop
         if flags is None and self.consistency_weight == 0:
-            return super().create_model_card(*args, **kwargs)
-        write_model_card(self, super().create_model_card, flags, args, kwargs)
+            return super().create_model_card(**arguments)
+        if not self.is_world_process_zero():
+            return
+        write_model_card(self, flags, arguments)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if hasattr(unwrapped, "create_or_update_model_card"):  # a PEFT model adds its adapter's part
+            unwrapped.create_or_update_model_card(self.args.output_dir)
 
     # Private Trainer methods, overridden only for huggingface/transformers#43701 (`_compat`); their signatures are
     # checked against the Transformers release by tests/test_trainer.py::test_the_private_trainer_methods_we_override.
