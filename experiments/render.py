@@ -349,7 +349,22 @@ def render(results_dir: str, protocol: dict) -> str:
                 ]
         _plot_curves(runs, protocol, os.path.join(results_dir, "curves.png"))
         lines += ["![Training curves](curves.png)", ""]
-    text = "\n".join(lines)
-    with open(os.path.join(results_dir, "README.md"), "w", encoding="utf-8") as handle:
+    path = os.path.join(results_dir, "README.md")
+    text = "\n".join(lines) + _hand_written_part(path)
+    with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return text
+
+
+# A results README may end in a section written by hand (what the numbers say); rendering keeps it.
+HAND_WRITTEN_HEADING = "## What the numbers say"
+
+
+def _hand_written_part(path: str) -> str:
+    """The hand-written section of an existing README, from its heading to the end; "" when there is none."""
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.find(HAND_WRITTEN_HEADING)
+    return "" if start < 0 else "\n" + text[start:]

@@ -219,6 +219,17 @@ def _write_images(path, n_per_class=6, classes=("cat", "dog")):
     return str(path)
 
 
+def test_rendering_again_keeps_the_hand_written_section(tmp_path):
+    protocol = _tiny_protocol(tmp_path / "protocol.json")
+    run.write_json(run.run_path(str(tmp_path), "none", 0), _record("none", 0, 0.5, 10.0))
+    first = render.render(str(tmp_path), protocol)
+    note = f"{render.HAND_WRITTEN_HEADING}\n\nThe baseline overfits.\n"
+    (tmp_path / "README.md").write_text(first + "\n" + note)
+    run.write_json(run.run_path(str(tmp_path), "hard", 0), _record("hard", 0, 0.6, 11.0))
+    again = render.render(str(tmp_path), protocol)
+    assert "| hard | 1 |" in again and again.endswith(note) and again.count(render.HAND_WRITTEN_HEADING) == 1
+
+
 def test_runner_skips_runs_whose_json_exists_and_renders(tmp_path, monkeypatch):
     protocol_path = tmp_path / "protocol.json"
     _tiny_protocol(protocol_path)
