@@ -11,6 +11,7 @@ from .attention import (
 from .blur import blur_keys, blur_logits, blur_offsets, blur_taps, key_validity
 from .consistency import summed_consistency_terms, summed_cross_entropy, summed_kl
 from .hard import apply_hard_drop, hard_drop_pattern
+from .hard_attention import hard_masked_attention
 from .masks import MASKED_AT_OR_BELOW, attendable_keys, causal_pattern, masked_softmax
 from .sampling import draw_blur_sigma, draw_slot_uniforms
 from .schedules import depth_factor, schedule_factor
@@ -31,6 +32,7 @@ __all__ = [
     "draw_blur_sigma",
     "draw_slot_uniforms",
     "hard_drop_pattern",
+    "hard_masked_attention",
     "key_validity",
     "logit_space_attention",
     "masked_softmax",

@@ -7,6 +7,10 @@ dropped position passes no gradient (zero fill) and a kept one passes the ordina
 
 Departures from the paper: k is clamped per row to the number of attendable keys (a row with 3 valid keys and
 top_k=8 can drop at most those 3); the paper does not discuss padding.
+
+`hard_drop_pattern` and `apply_hard_drop` act on materialised `[B, H, Q, K]` logits: the reference, with
+`ops.attention.logit_space_attention`. `ops.hard_attention.hard_masked_attention` computes the same attention
+without ever holding the logits.
 """
 
 import torch
