@@ -1,7 +1,8 @@
 """Hard Attention Masking: drop each of a row's top-k attendable logits with probability p (math in `ops.hard`).
 
-No key-space fast path: the top-k needs every logit of a row. Long sequences go through the integration's blocked
-logit path instead, which never holds all N × N logits.
+Fast path from `FUSED_MIN_KEYS` keys on: `ops.hard_attention.hard_masked_attention`, the same result without the
+N × N logits (torch's fused attention kernels plus an exact correction of the dropped pairs). Shorter sequences, and
+calls with attention dropout or a softcap, run the logit-space reference.
 """
 
 import warnings
@@ -9,12 +10,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..ops.hard import apply_hard_drop, hard_drop_pattern
+from ..ops.hard_attention import hard_masked_attention
 from ..ops.sampling import draw_slot_uniforms
 from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
 
 __all__ = ["HardAttentionMasking", "HardOptions"]
 
 _FILLS = {"zero": "replaced by 0 (as in the paper)", "mask": "removed from the softmax"}
+# From this many keys on the fused path is cheaper than materialising the logits (measured on a 2-core CPU: 1.7x
+# SDPA's time at 2,048 keys, against 3.3x for the blocked logit-space path); below, the one-block reference wins.
+FUSED_MIN_KEYS = 1024
 
 
 @dataclass
@@ -63,6 +68,26 @@ class HardAttentionMasking(AttentionDropVariant):
     def perturb_logits(logits, attendable, options, draws, call):
         dropped = hard_drop_pattern(logits, attendable, options.top_k, options.p, draws["slot_uniforms"])
         return apply_hard_drop(logits, attendable, dropped, options.hard_fill)
+
+    @staticmethod
+    def attend_fast(call, options):
+        if call.key.shape[2] < FUSED_MIN_KEYS or call.dropout > 0 or call.softcap is not None:
+            return None
+        terms = [t for t in (call.bias, call.position_bias) if t is not None]
+        bias = None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        output = hard_masked_attention(
+            call.query,
+            call.key,
+            call.value,
+            call.attendable,
+            bias,
+            call.scaling,
+            options.top_k,
+            options.p,
+            options.hard_fill,
+            call.draws["slot_uniforms"],
+        )
+        return output, None
 
     @staticmethod
     def scaled(options, factor):
