@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+import transformers
 from tiny_models import build, tiny_models
 
 from attentiondrop_hf import (
@@ -302,7 +303,8 @@ def refused_families_markdown(results: dict[str, tuple[str, str]]) -> str:
         f"- **consistency trainer, lambda > 0 only: {reason}** ({len(types)}): {', '.join(types)}.\n"
         for reason, types in sorted(trainer.items())
     ]
-    return "".join(lines)
+    header = f"(Transformers {transformers.__version__})\n\n"
+    return header + "".join(lines)
 
 
 @pytest.mark.slow
@@ -311,6 +313,9 @@ def test_the_readme_lists_the_refused_families_the_sweep_finds():
         pytest.skip("the sweep did not run over every architecture in this session")
     found = README_BLOCK.search(open(README, encoding="utf-8").read())
     assert found, "README.md has no refused-architectures block"
+    generated_with = re.search(r"Transformers (\S+)\)", found.group(2))
+    if generated_with is None or generated_with.group(1) != transformers.__version__:
+        pytest.skip(f"README's list was generated with another Transformers release than {transformers.__version__}")
     assert found.group(2) == refused_families_markdown(RESULTS), (
         "README's list of refused families is not the sweep's: python tests/test_architectures.py --write-readme"
     )

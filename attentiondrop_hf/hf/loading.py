@@ -9,7 +9,7 @@ model would have chosen itself (or `base_attn_implementation`, or eager for `"at
 keeps models that pick attention classes by implementation name at `__init__` (Falcon, GPT-Neo) loadable, and then
 switched on. A sub-model built while its parent loads sees the base, never "attentiondrop".
 
-Checked against Transformers 5.0 to 5.24 (`WRAPPED_ENTRY_POINTS_CHECKED`); `tests/test_loading.py` fails when the
+Checked against Transformers 5.0 to 5.25 (`WRAPPED_ENTRY_POINTS_CHECKED`); `tests/test_loading.py` fails when the
 wrapped methods change their signature.
 """
 
@@ -27,7 +27,7 @@ from .switch import switch_on
 
 __all__ = ["WRAPPED_ENTRY_POINTS_CHECKED", "install_load_hooks"]
 
-WRAPPED_ENTRY_POINTS_CHECKED = Version("5.0") <= Version(transformers.__version__) <= Version("5.24.99")
+WRAPPED_ENTRY_POINTS_CHECKED = Version("5.0") <= Version(transformers.__version__) <= Version("5.25.99")
 _WRAPPED = "_attentiondrop_wrapped"
 
 
