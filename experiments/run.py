@@ -511,4 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as error:  # a user error (protocol, flag, data), named in one line as argparse does
+        sys.exit(f"run.py: error: {error}")

@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from transformers import AutoConfig, HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from attentiondrop_hf import AttentionDropConfig, enable_attentiondrop
@@ -126,9 +127,40 @@ def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None):
     parser = HfArgumentParser((*dataclass_types, AttentionDropConfig, *option_classes), allow_abbrev=False)
     parsed = parser.parse_args_into_dataclasses(args=argv)
     recipe_arguments, flags = parsed[: len(dataclass_types)], parsed[len(dataclass_types) :]
+    for arguments in recipe_arguments:
+        if isinstance(arguments, TrainingArguments):
+            warn_if_processes_do_not_sync(arguments)
     common = {f.name: getattr(flags[0], f.name) for f in fields(AttentionDropConfig) if f.init}
     options = {k: v for instance in flags[1:] for k, v in dataclasses.asdict(instance).items()}
     return (*recipe_arguments, AttentionDropConfig(**common, **options))
+
+
+def run_from_command_line(main: Callable[[list[str]], object]) -> None:
+    """Run a recipe's `main` on `sys.argv`. Every error a user can cause (a wrong flag, a missing file, a bad row, a
+    model the plugin refuses) is a ValueError that names the problem: it is printed as one line, with exit status 2
+    as argparse does, instead of a traceback through the libraries. ATTENTIONDROP_TRACEBACK=1 shows the traceback."""
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:
+        if os.environ.get("ATTENTIONDROP_TRACEBACK") == "1":
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        print("(ATTENTIONDROP_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def warn_if_processes_do_not_sync(training_args: TrainingArguments) -> None:
+    """`torchrun --nproc_per_node 2` on a CPU without `--use_cpu true --ddp_backend gloo` starts processes that never
+    join a process group: each trains its own copy on its own shard, and the run looks normal. Say so, with the fix."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:  # `world_size` sets up the devices (and the group)
+        logger.warning(
+            "%d processes were launched (WORLD_SIZE=%d) but they do not synchronise: each trains its own copy of the "
+            "model. On a CPU pass `--use_cpu true --ddp_backend gloo` (and `--fsdp %s` for FSDP).",
+            launched,
+            launched,
+            '"full_shard auto_wrap"',
+        )
 
 
 def require_file(path: str | None, flag: str) -> None:

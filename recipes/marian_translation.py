@@ -12,7 +12,6 @@ self-attention (the paper), decoder self-attention and encoder-decoder attention
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import metrics
@@ -25,6 +24,7 @@ from _common import (
     load_model,
     parse_arguments,
     require_file,
+    run_from_command_line,
 )
 from datasets import DatasetDict, load_dataset
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, MarianTokenizer, set_seed
@@ -262,4 +262,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

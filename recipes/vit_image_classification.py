@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 
 import metrics
@@ -27,8 +26,9 @@ from _common import (
     load_model,
     parse_arguments,
     require_file,
+    run_from_command_line,
 )
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessorPil, set_seed
 
@@ -127,6 +127,26 @@ def load_images(data_args: ImageDataArguments, cache_dir: str | None, seed: int)
     return raw
 
 
+def as_image_column(dataset: Dataset, column: str, source: str) -> Dataset:
+    """The image column typed as `datasets.Image`, which is what training decodes. A parquet written with pandas holds
+    plain bytes or {bytes, path} structs without the feature's metadata: they are cast here, so that the check below
+    and the training transforms read the same images. Any other type is refused, naming the file and the column."""
+    feature = dataset.features[column]
+    if isinstance(feature, Image):
+        return dataset
+    if isinstance(feature, dict):  # a struct column
+        image_like = bool(feature) and set(feature) <= {"bytes", "path"}
+    else:
+        encoded_or_path = {"binary", "large_binary", "string", "large_string"}
+        image_like = isinstance(feature, Value) and feature.dtype in encoded_or_path
+    if not image_like:
+        raise ValueError(
+            f"{source}: column {column!r} holds {feature}, not images (expected encoded image bytes, file paths, "
+            "or {'bytes', 'path'} records)"
+        )
+    return dataset.cast_column(column, Image())
+
+
 def check_images_decode(dataset: Dataset, column: str, source: str) -> None:
     """Open every image's header (fast: no pixels are decoded) and name the file and row of one that cannot be read,
     before anything trains."""
@@ -213,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     image_key = image_column(data_args, raw["train"].column_names)
     labels, label_ids = label_encoding(raw["train"], data_args.label_column_name)
     for split, source in (("train", data_args.train_file), ("validation", data_args.validation_file)):
-        check_images_decode(raw[split], image_key, source or f"the {split} split of {data_args.dataset_name}")
+        source = source or data_args.train_file or f"the {split} split of {data_args.dataset_name}"
+        raw[split] = as_image_column(raw[split], image_key, source)
+        check_images_decode(raw[split], image_key, source)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None:
             raw[split] = raw[split].shuffle(seed=training_args.seed).select(range(min(limit, len(raw[split]))))
@@ -286,4 +308,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_from_command_line(main)

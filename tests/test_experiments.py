@@ -4,6 +4,7 @@ runs), the table rendered from synthetic run JSONs, and the GPU protocol run end
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -372,3 +373,10 @@ def test_translation_protocol_runs_end_to_end_at_a_tiny_size(tmp_path, monkeypat
     assert all(math.isfinite(record["metrics"][key]) for key in ("bleu", "chrf", "loss"))
     assert any("consistency_loss" in point for point in record["curves"])
     assert "| blur_consistency | 1 |" in (results / "README.md").read_text()
+
+
+def test_a_user_error_on_the_command_line_is_one_line():
+    command = [sys.executable, os.path.join(EXPERIMENTS, "run.py"), "no-such-protocol"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("run.py: error: unknown protocol 'no-such-protocol'; protocols: [")

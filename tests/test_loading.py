@@ -57,3 +57,19 @@ def test_both_entry_points_switch_on_over_the_requested_base(requested, base, tm
 def test_a_per_sub_config_request_is_refused():
     with pytest.raises(ValueError, match="applies to the whole model"):
         ViTForImageClassification._from_config(tiny_vit().config, attn_implementation={"": "attentiondrop"})
+
+
+def test_from_config_keeps_the_config_it_is_given_as_transformers_does():
+    """README: `from_config` does not copy its config (stock behaviour too: a later model built from that object uses
+    the implementation the first request wrote on it), so a later model built from it is regularized too."""
+    config = tiny_vit().config.__class__(**tiny_vit().config.to_dict())
+    first = AutoModelForImageClassification.from_config(config, attn_implementation="attentiondrop")
+    later = AutoModelForImageClassification.from_config(config)
+    assert first.config is config and later.config is config
+    assert model_plan_of(later) is not None
+    later.train()
+    torch.manual_seed(0)
+    assert not torch.equal(later(**image_batch()).logits, later(**image_batch()).logits)
+    stock = tiny_vit().config.__class__(**tiny_vit().config.to_dict())
+    AutoModelForImageClassification.from_config(stock, attn_implementation="eager")
+    assert AutoModelForImageClassification.from_config(stock).config._attn_implementation == "eager"

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -305,6 +306,78 @@ def test_vit_recipe_names_the_file_and_row_of_an_undecodable_image(tmp_path):
     Dataset.from_dict({"img": encoded, "label": [0, 1, 0]}, features=features).to_parquet(path)
     with pytest.raises(ValueError, match=r"corrupt.parquet: row 2 of column 'img': the image cannot be decoded"):
         vit_image_classification.main(vit_argv(tmp_path / "run", path, path))
+
+
+@pytest.mark.parametrize("stored_as", ["bytes", "records"])
+def test_vit_recipe_trains_on_a_parquet_written_with_pandas(tmp_path, stored_as):
+    """pandas writes no `datasets.Image` metadata: the column arrives as plain bytes or {bytes, path} records. The
+    recipe types it as images before its decode check, so training decodes what the check decoded."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue() if stored_as == "bytes" else {"bytes": buffer.getvalue(), "path": None})
+    path = str(tmp_path / "pandas.parquet")
+    pd.DataFrame({"img": encoded, "label": [0, 1] * 4}).to_parquet(path)
+    results = vit_image_classification.main(vit_argv(tmp_path / "run", path, path))
+    assert math.isfinite(results["eval_loss"])
+
+    corrupt = str(tmp_path / "pandas_corrupt.parquet")
+    encoded[5] = b"not an image" if stored_as == "bytes" else {"bytes": b"not an image", "path": None}
+    pd.DataFrame({"img": encoded, "label": [0, 1] * 4}).to_parquet(corrupt)
+    with pytest.raises(ValueError, match=r"pandas_corrupt.parquet: row 5 of column 'img': the image cannot be"):
+        vit_image_classification.main(vit_argv(tmp_path / "run", corrupt, corrupt))
+
+
+def test_vit_recipe_refuses_an_image_column_that_holds_no_images(tmp_path):
+    import pandas as pd
+
+    path = str(tmp_path / "numbers.parquet")
+    pd.DataFrame({"img": [[1.0, 2.0]] * 4, "label": [0, 1] * 2}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"numbers.parquet: column 'img' holds .*, not images"):
+        vit_image_classification.main(vit_argv(tmp_path / "run", path, path))
+
+
+WORLD_SIZE_CHECK = """
+import logging, sys
+sys.path.insert(0, {recipes!r})
+logging.basicConfig(level=logging.WARNING)
+import _common
+from transformers import TrainingArguments
+arguments = dict(item.split("=") for item in sys.argv[1:])
+_common.warn_if_processes_do_not_sync(TrainingArguments(output_dir={output!r}, report_to="none", **arguments))
+"""
+
+
+@pytest.mark.slow
+def test_recipes_warn_when_launched_processes_do_not_synchronise(tmp_path):
+    """torchrun on a CPU without --use_cpu true --ddp_backend gloo trains unsynchronised copies: the recipes say so."""
+    script = tmp_path / "check.py"
+    script.write_text(WORLD_SIZE_CHECK.format(recipes=RECIPES, output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for port, arguments in ((29541, []), (29542, ["use_cpu=True", "ddp_backend=gloo"])):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+        command += [str(script), *arguments]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs[bool(arguments)] = done.stdout + done.stderr
+    assert "2 processes were launched (WORLD_SIZE=2) but they do not synchronise" in outputs[False]
+    assert "--use_cpu true --ddp_backend gloo" in outputs[False]
+    assert "do not synchronise" not in outputs[True]
+
+
+@pytest.mark.parametrize("recipe", ["vit_image_classification.py", "marian_translation.py"])
+def test_a_user_error_on_the_command_line_is_one_line(tmp_path, recipe):
+    command = [sys.executable, os.path.join(RECIPES, recipe), "--train_file", str(tmp_path / "missing.jsonl")]
+    done = subprocess.run(command + ["--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert error == [f"{recipe}: error: --train_file '{tmp_path / 'missing.jsonl'}' does not exist"]
+    assert "Traceback" not in done.stderr and "ATTENTIONDROP_TRACEBACK=1 shows the traceback" in done.stderr
 
 
 def test_config_files_and_flags_are_checked_before_anything_loads(tmp_path):
