@@ -5,6 +5,7 @@ Remove an entry once the oldest supported Transformers release has the fix.
 
 import os
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers import PreTrainedModel
@@ -23,7 +24,9 @@ __all__ = [
 TRAINER_RELOADS_LEGACY_KEYS_WRONGLY = Version("5.0") <= Version(transformers.__version__) < Version("6")
 
 
-def reload_weights_through_from_pretrained(model, checkpoint: str | None, sharded_state: bool) -> bool:
+def reload_weights_through_from_pretrained(
+    model: torch.nn.Module, checkpoint: str | None, sharded_state: bool
+) -> bool:
     """Load `checkpoint`'s weights into `model` through `from_pretrained` (which renames legacy keys) where #43701
     applies. Returns False where it does not apply and the Trainer's own loading should run.
 

@@ -15,6 +15,8 @@ which is then one of the two.
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -29,7 +31,7 @@ from ..ops import (
     masked_softmax,
     rows_of,
 )
-from ..variants import PerturbedCall
+from ..variants import AttentionDropVariant, PerturbedCall
 from ..variants.base import MonitoredLogits
 from .plan import SitePlan, plan_of
 
@@ -57,7 +59,7 @@ _monitor_records: list | None = None
 
 
 @contextlib.contextmanager
-def force_reference_path(enabled: bool = True):
+def force_reference_path(enabled: bool = True) -> Iterator[None]:
     """Run every perturbed call through the plain logit-space reference (no key blur, no blocks).
 
     For debugging and tests; `ATTENTIONDROP_REFERENCE=1` sets it for a whole process.
@@ -71,7 +73,7 @@ def force_reference_path(enabled: bool = True):
 
 
 @contextlib.contextmanager
-def monitor_attention():
+def monitor_attention() -> Iterator[list[dict[str, Any]]]:
     """Record, for every perturbed call inside the block, its role and layer, the attention entropy before and after
     the perturbation, and the variant's own `monitor` terms (one dict per call, in the list it yields).
 
@@ -95,7 +97,7 @@ def attentiondrop_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """AttentionInterface entry point: perturb in training, otherwise exactly the base implementation."""
     plan = plan_of(module)
@@ -137,7 +139,9 @@ def attentiondrop_attention_forward(
     return _perturbed_attention(call, plan, options, output_attentions=bool(kwargs.get("output_attentions")))
 
 
-def _perturbed_attention(call: PerturbedCall, plan: SitePlan, options, output_attentions: bool):
+def _perturbed_attention(
+    call: PerturbedCall, plan: SitePlan, options: Any, output_attentions: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training-time path: the variant's fast path where it applies, else its logit-space reference."""
     variant = plan.model.variant
     call.draws = variant.sample(options, call)
@@ -148,7 +152,9 @@ def _perturbed_attention(call: PerturbedCall, plan: SitePlan, options, output_at
         if (result := variant.attend_fast(call, options)) is not None:
             return result
 
-    def perturb(logits, attendable, rows):
+    def perturb(
+        logits: torch.Tensor, attendable: torch.Tensor | None, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         row_draws = {name: rows_of(d, rows) if d.dim() == 4 else d for name, d in call.draws.items()}
         return variant.perturb_logits(logits, attendable, options, row_draws, call)
 
@@ -163,7 +169,7 @@ def _perturbed_attention(call: PerturbedCall, plan: SitePlan, options, output_at
     return logit_space_attention(query, key, value, call.attendable, **attention_kwargs)
 
 
-def _record(plan: SitePlan, call: PerturbedCall, options, variant) -> None:
+def _record(plan: SitePlan, call: PerturbedCall, options: Any, variant: type[AttentionDropVariant]) -> None:
     """`monitor_attention`'s record of one call: the logits before and after the perturbation, in logit space."""
     with torch.no_grad():
         logits = attention_logits(call.query, call.key, call.scaling, **call.logit_terms)
@@ -183,8 +189,8 @@ def _record(plan: SitePlan, call: PerturbedCall, options, variant) -> None:
     _monitor_records.append({k: v.item() if torch.is_tensor(v) else v for k, v in record.items()})
 
 
-def _mask_of_base(base: str):
-    def attentiondrop_mask(*args, **kwargs):
+def _mask_of_base(base: str) -> Callable[..., Any]:
+    def attentiondrop_mask(*args: Any, **kwargs: Any) -> Any:
         """AttentionMaskInterface entry point: the mask the base implementation would get."""
         return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 

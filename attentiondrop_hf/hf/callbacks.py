@@ -5,19 +5,25 @@ the monitor with `monitor_attention=True`. Install them in front of the reportin
 a log is printed and reported with it: `add_attentiondrop_callbacks(trainer, monitor=True)`.
 """
 
+from __future__ import annotations
+
 from collections import defaultdict
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..ops import schedule_factor
 from .plan import ModelPlan, model_plan_of
 from .switch import base_model_of
 
+if TYPE_CHECKING:
+    from transformers import Trainer
+
 __all__ = ["AttentionDropMonitorCallback", "AttentionDropScheduleCallback", "add_attentiondrop_callbacks"]
 
 
-def _plan_of(model) -> ModelPlan | None:
+def _plan_of(model: torch.nn.Module | None) -> ModelPlan | None:
     """The AttentionDrop plan of the model being trained; none for a model it is not switched on for."""
     try:
         return model_plan_of(base_model_of(model))
@@ -25,7 +31,7 @@ def _plan_of(model) -> ModelPlan | None:
         return None
 
 
-def _add_to_log(state, logs: dict, values: dict) -> None:
+def _add_to_log(state: TrainerState, logs: dict, values: dict) -> None:
     """Into the log being written and the history the Trainer already appended it to (checkpoints, cards)."""
     logs.update(values)
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -37,17 +43,39 @@ class AttentionDropScheduleCallback(TrainerCallback):
     `schedule`; a resumed run continues from its checkpoint's step. Logs the strength of the last step taken
     (`attentiondrop/strength`, and the scheduled options' values at full depth factor, e.g. `attentiondrop/p`)."""
 
-    def _set(self, state, model) -> None:
+    def _set(self, state: TrainerState, model: torch.nn.Module | None) -> None:
         if (plan := _plan_of(model)) is not None:
             plan.set_progress(state.global_step / max(state.max_steps, 1))
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._set(state, model)
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._set(state, model)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or "loss" not in logs or (plan := _plan_of(model)) is None:
             return
         settings = plan.settings
@@ -76,13 +104,21 @@ class AttentionDropMonitorCallback(TrainerCallback):
     draw their numbers then). Costs one forward of `examples` examples per log; nothing between logs.
     """
 
-    def __init__(self, examples: int = 8):
+    def __init__(self, examples: int = 8) -> None:
         if not isinstance(examples, int) or examples < 1:
             raise ValueError(f"`examples` must be an integer >= 1, got {examples!r}")
         self.examples = examples
         self.batch = None
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        train_dataloader: torch.utils.data.DataLoader | None = None,
+        **kwargs: Any,
+    ) -> None:
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__getitem__") or _plan_of(model) is None:
             return
@@ -91,7 +127,7 @@ class AttentionDropMonitorCallback(TrainerCallback):
         device = next(base_model_of(model).parameters()).device
         self.batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
 
-    def measure(self, model) -> dict[str, float]:
+    def measure(self, model: torch.nn.Module) -> dict[str, float]:
         """The log entries for one look at the fixed batch."""
         from .attention import monitor_attention
 
@@ -114,13 +150,21 @@ class AttentionDropMonitorCallback(TrainerCallback):
         values.update({f"attentiondrop/{name}": sum(v) / len(v) for name, v in sums.items()})
         return values
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or "loss" not in logs or self.batch is None or _plan_of(model) is None:
             return
         _add_to_log(state, logs, self.measure(model))
 
 
-def add_attentiondrop_callbacks(trainer, monitor: bool = False, examples: int = 8) -> None:
+def add_attentiondrop_callbacks(trainer: Trainer, monitor: bool = False, examples: int = 8) -> None:
     """Put the schedule callback (and the monitor, when `monitor`) first among `trainer`'s callbacks, before the
     ones that print and report logs. Idempotent."""
     callbacks = trainer.callback_handler.callbacks

@@ -14,6 +14,7 @@ wrapped methods change their signature.
 """
 
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import transformers
@@ -49,12 +50,12 @@ def _requested(kwargs: dict, config: Any) -> str | None:
     return requested if requested in BASE_OF_IMPLEMENTATION else None
 
 
-def _leaves(mapping: dict):
+def _leaves(mapping: dict) -> Iterator[Any]:
     for value in mapping.values():
         yield from _leaves(value) if isinstance(value, dict) else (value,)
 
 
-def _plain(flags):
+def _plain(flags: AttentionDropConfig | dict[str, Any] | None) -> dict[str, Any] | None:
     """Flags as the plain dict config.json saves (an `AttentionDropConfig` is accepted too)."""
     return flags.to_dict() if isinstance(flags, AttentionDropConfig) else flags
 
@@ -70,7 +71,9 @@ def _base_to_load(requested: str, flags: dict | None) -> str | None:
     return chosen if requested == "attentiondrop" else BASE_OF_IMPLEMENTATION[requested]
 
 
-def _switched_on(loaded, requested: str):
+def _switched_on(
+    loaded: PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]], requested: str
+) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]]:
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
     flags = dict(model.config.attentiondrop or {})
     if requested != "attentiondrop":
@@ -79,9 +82,9 @@ def _switched_on(loaded, requested: str):
     return loaded
 
 
-def _wrap_from_pretrained(original):
+def _wrap_from_pretrained(original: Callable[..., Any]) -> classmethod:
     @functools.wraps(original)
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls: type[PreTrainedModel], *args: Any, **kwargs: Any) -> Any:
         requested = _requested(kwargs, kwargs.get("config"))
         if requested is None:
             return original(cls, *args, **kwargs)
@@ -95,9 +98,9 @@ def _wrap_from_pretrained(original):
     return classmethod(from_pretrained)
 
 
-def _wrap_from_config(original):
+def _wrap_from_config(original: Callable[..., Any]) -> classmethod:
     @functools.wraps(original)
-    def _from_config(cls, config, **kwargs):
+    def _from_config(cls: type[PreTrainedModel], config: PreTrainedConfig, **kwargs: Any) -> PreTrainedModel:
         if "attentiondrop" in kwargs:  # a config attribute, not an argument of the model's __init__
             config.attentiondrop = _plain(kwargs.pop("attentiondrop"))
         requested = _requested(kwargs, config)

@@ -8,10 +8,12 @@ written to the model. The variant's own `describe()` supplies its sentence; the 
 `attentiondrop-<variant>`.
 """
 
+from __future__ import annotations
+
 import os
 from importlib import resources
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard
@@ -22,6 +24,11 @@ from ..variants import get_variant
 from ..version import __version__
 from .plan import PLAN_ATTRIBUTE, attention_modules
 from .switch import base_model_of
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+    from transformers import Trainer
 
 __all__ = [
     "attentiondrop_card_section",
@@ -77,7 +84,7 @@ def _distinct_metrics(evaluations: list[dict]) -> list[list[str]]:
     return groups
 
 
-def training_curves_figure(log_history: list[dict]):
+def training_curves_figure(log_history: list[dict]) -> Figure | None:
     """The logged loss and its task term against the step, the consistency KL on an axis of its own (it is orders
     of magnitude smaller), the monitor's attention entropies, every other logged `attentiondrop/*` term, and each
     evaluation metric, each in a panel of its own. `None` without matplotlib or logged training steps."""
@@ -150,7 +157,7 @@ def _template() -> Template:
     return Template((resources.files(__package__) / TEMPLATE_FILE).read_text(encoding="utf-8"))
 
 
-def perturbed_roles(model) -> list[str]:
+def perturbed_roles(model: torch.nn.Module) -> list[str]:
     """The roles AttentionDrop perturbs in `model`, read off its plan."""
     plans = [module.__dict__.get(PLAN_ATTRIBUTE) for module in attention_modules(model).values()]
     roles = {plan.site.role for plan in plans if plan is not None and plan.perturbed}
@@ -200,7 +207,7 @@ def _origin(summary: TrainingSummary) -> str:
     return f"This model is a fine-tuned version of [{base}](https://huggingface.co/{base}) on {on}."
 
 
-def _metrics_section(trainer, metrics: dict[str, float] | None) -> str:
+def _metrics_section(trainer: Trainer, metrics: dict[str, float] | None) -> str:
     shown = _evaluation_metrics(metrics or {})
     if not shown:
         return "No evaluation was run before this card was written."
@@ -261,11 +268,11 @@ def _metadata(summary: TrainingSummary, kwargs: dict, metrics: dict | None, outp
     return data
 
 
-def _first(value):
+def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def write_model_card(trainer, flags: dict | None, kwargs: dict) -> None:
+def write_model_card(trainer: Trainer, flags: dict | None, kwargs: dict) -> None:
     """Write `README.md` (and `training_curves.png`) into the trainer's output folder.
 
     Args:

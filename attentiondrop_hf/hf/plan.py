@@ -34,7 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..config import AttentionDropConfig
 from ..ops import depth_factor, logit_space_attention, schedule_factor
 from ..ops.masks import attendable_keys
-from ..variants import get_variant
+from ..variants import AttentionDropVariant, get_variant
 
 __all__ = [
     "ModelPlan",
@@ -65,7 +65,14 @@ class Site:
     decoder_only: bool = False
 
 
-def generic_eager_attention(module, query, key, value, attention_mask, **kwargs):
+def generic_eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention for a module whose modeling file has none: grouped KV heads, T5 `position_bias`, bool or
     float masks, `module.is_causal` when the mask is None."""
     is_causal = kwargs.get("is_causal")
@@ -116,7 +123,7 @@ class ModelPlan:
     _scaled: dict = field(default_factory=dict, repr=False)
 
     @property
-    def variant(self):
+    def variant(self) -> type[AttentionDropVariant]:
         return get_variant(self.settings.variant)
 
     def set_progress(self, progress: float) -> None:
@@ -134,7 +141,7 @@ class ModelPlan:
         factor = schedule_factor(settings.schedule, settings.schedule_warmup, self.progress or 0.0)
         return factor * depth_factor(settings.depth_rule, site.layer, site.depth)
 
-    def options_at(self, site: Site):
+    def options_at(self, site: Site) -> Any | None:
         """The variant's options in force at `site` now; `None` where they change nothing (identity)."""
         options = self.settings.options
         if self.settings.varies_strength:
@@ -155,7 +162,7 @@ class SitePlan:
     base_attention: Callable = field(repr=False)
     model: ModelPlan = field(repr=False)
 
-    def options(self):
+    def options(self) -> Any | None:
         """The variant's options for a training call here, or `None` for a call that runs the base."""
         return self.model.options_at(self.site) if self.perturbed else None
 
@@ -245,7 +252,9 @@ def _reads_the_encoder(path: str, module: torch.nn.Module) -> bool:
     return named or bool(getattr(module, "is_cross_attention", False)) or "Cross" in type(module).__name__
 
 
-def _role(path: str, module: torch.nn.Module, encoders, decoders, language_models) -> str:
+def _role(
+    path: str, module: torch.nn.Module, encoders: list[str], decoders: list[str], language_models: list[str]
+) -> str:
     if any(_under(path, prefix) for prefix in encoders):
         return "self"
     if _reads_the_encoder(path, module):

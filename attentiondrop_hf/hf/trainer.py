@@ -23,18 +23,29 @@ Use `AttentionDropTrainer` / `AttentionDropSeq2SeqTrainer`, or mix `ConsistencyM
 import inspect
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 from transformers.trainer_pt_utils import nested_gather
-from transformers.utils import logging
+from transformers.utils import ModelOutput, logging
 
 from ..ops import summed_consistency_terms
 from ._compat import reload_weights_through_from_pretrained
@@ -63,7 +74,7 @@ KL_DIRECTIONS = ("forward", "symmetric")
 MODEL_LOSS_RTOL = 2e-5
 
 
-def _check_consistency(weight, direction) -> None:
+def _check_consistency(weight: float, direction: str) -> None:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"`consistency_weight` must be a finite number >= 0, got {weight!r}")
     if direction not in KL_DIRECTIONS:
@@ -93,7 +104,7 @@ class AttentionDropArguments:
         },
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_consistency(self.consistency_weight, self.consistency_kl)
         super().__post_init__()
 
@@ -108,7 +119,7 @@ class AttentionDropSeq2SeqTrainingArguments(AttentionDropArguments, Seq2SeqTrain
     """`Seq2SeqTrainingArguments` plus `consistency_weight` and `consistency_kl`."""
 
 
-def shifts_labels(model) -> bool:
+def shifts_labels(model: PreTrainedModel) -> bool:
     """Whether the model's own loss predicts label t + 1 at position t (causal and image-text-to-text language
     models), decided from its class, whatever its name (GPT2LMHeadModel, BertLMHeadModel, Gemma 3 VLMs, ...)."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -120,7 +131,7 @@ def shifts_labels(model) -> bool:
     )
 
 
-def decoder_input_ids_from_labels(model, labels: torch.Tensor) -> torch.Tensor:
+def decoder_input_ids_from_labels(model: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:
     """The decoder inputs an encoder-decoder model builds from `labels` itself: its
     `prepare_decoder_input_ids_from_labels`, else the `shift_tokens_right` its forward calls (Whisper, M2M100/NLLB,
     Speech2Text, Blenderbot, ...)."""
@@ -149,12 +160,12 @@ class ConsistencyMixin:
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         consistency_weight: float | None = None,
         consistency_kl: str | None = None,
         monitor_attention: bool | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(self.args, AttentionDropArguments):
             if consistency_weight is not None or consistency_kl is not None or monitor_attention is not None:
@@ -195,7 +206,7 @@ class ConsistencyMixin:
                 "torch.compile traces them as constants and recompiles when they change"
             )
 
-    def _transformers_model(self):
+    def _transformers_model(self) -> PreTrainedModel | None:
         """The Transformers model being trained (inside PEFT / DDP / compile wrappers), or `None` for another
         `nn.Module`, which the stock Trainer also trains (AttentionDrop then plays no part)."""
         try:
@@ -203,7 +214,7 @@ class ConsistencyMixin:
         except TypeError:
             return None
 
-    def _warn_about_the_copies(self, model) -> None:
+    def _warn_about_the_copies(self, model: PreTrainedModel) -> None:
         if not self._attentiondrop_on:
             logger.warning(
                 "consistency_weight > 0 but AttentionDrop is not enabled on the model: the two passes differ only "
@@ -216,7 +227,13 @@ class ConsistencyMixin:
 
     # ---- the loss ------------------------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if not model.training or self.consistency_weight == 0:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -268,7 +285,9 @@ class ConsistencyMixin:
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
 
-    def _model_inputs(self, model, inputs, labels) -> dict:
+    def _model_inputs(
+        self, model: PreTrainedModel, inputs: dict[str, torch.Tensor | Any], labels: torch.Tensor
+    ) -> dict:
         """The batch as the model's forward takes it without labels (seq2seq: with the decoder inputs it builds)."""
         prepared = {k: v for k, v in inputs.items() if k != "labels"}
         # Token labels of a sequence-to-sequence LM: it builds its decoder inputs from them. Class labels of an
@@ -290,7 +309,13 @@ class ConsistencyMixin:
             )
         return logits, labels
 
-    def _check_against_model_loss(self, model, inputs, prepared, labels) -> None:
+    def _check_against_model_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prepared: dict[str, torch.Tensor | Any],
+        labels: torch.Tensor,
+    ) -> None:
         """First step only: the loss this trainer computes (with lambda's term left out and no label smoothing)
         must equal the model's own loss on the same batch, in eval mode (no perturbation, no dropout), to float32
         rounding, so that a missing auxiliary term cannot pass."""
@@ -324,7 +349,9 @@ class ConsistencyMixin:
                 "Train it with consistency_weight=0."
             )
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
         """The Trainer's batches; at lambda > 0, counted on the labels this trainer's loss uses (shifted for causal
         language models, whatever their class name)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -385,13 +412,13 @@ class ConsistencyMixin:
 
     # Private Trainer methods, overridden only for huggingface/transformers#43701 (`_compat`); their signatures are
     # checked against the Transformers release by tests/test_trainer.py::test_the_private_trainer_methods_we_override.
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         model = self.model if model is None else model
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if not reload_weights_through_from_pretrained(model, resume_from_checkpoint, sharded):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def _load_best_model(self):
+    def _load_best_model(self) -> None:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if not reload_weights_through_from_pretrained(self.model, self.state.best_model_checkpoint, sharded):
             super()._load_best_model()
@@ -402,7 +429,7 @@ class ConsistencyTermsCallback(TrainerCallback):
     averages `loss`: over the optimizer steps since the last log, and over processes. Put first among the callbacks
     so that the printing and reporting callbacks see the terms."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self._last_logged_step = 0
         self._said_kl_is_small = False
@@ -410,10 +437,19 @@ class ConsistencyTermsCallback(TrainerCallback):
     def add(self, name: str, value: torch.Tensor) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + value
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._last_logged_step = state.global_step  # a resumed run counts from its checkpoint, as the Trainer does
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or "loss" not in logs or not self.sums:
             return
         window = max(state.global_step - self._last_logged_step, 1)
@@ -441,16 +477,16 @@ class ConsistencyTermsCallback(TrainerCallback):
             )
 
 
-def _varies_strength(model) -> bool:
+def _varies_strength(model: PreTrainedModel) -> bool:
     return model_plan_of(model).settings.varies_strength
 
 
-def _logits_of(outputs) -> torch.Tensor:
+def _logits_of(outputs: ModelOutput | tuple[Any, ...]) -> torch.Tensor:
     # Without labels, a tuple output (return_dict=False) starts with the logits.
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
-def _auxiliary_loss(outputs, config) -> torch.Tensor | float:
+def _auxiliary_loss(outputs: ModelOutput | tuple[Any, ...], config: PreTrainedConfig) -> torch.Tensor | float:
     """The auxiliary terms a model adds to its own loss: a mixture-of-experts router's load-balancing loss."""
     aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
     # Mixtral-style routers name the coefficient `router_aux_loss_coef`, JetMoE `aux_loss_coef`.
@@ -460,11 +496,11 @@ def _auxiliary_loss(outputs, config) -> torch.Tensor | float:
     return coefficient * aux.float().mean()  # mean: DataParallel gathers one per device
 
 
-def _is_batched(value, batch: int) -> bool:
+def _is_batched(value: Any, batch: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
 
 
-def _is_unpaired(value, batch: int) -> bool:
+def _is_unpaired(value: Any, batch: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] != batch
 
 

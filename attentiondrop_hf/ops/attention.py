@@ -13,6 +13,7 @@ functions give identical results for the same draws.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ def chunked_logit_space_attention(
     rows_per_chunk: int,
     bias: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """`logit_space_attention` a block of query rows at a time, each block recomputed in the backward pass.
 
@@ -145,7 +146,9 @@ def chunked_logit_space_attention(
     for start in range(0, query_len, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
 
-        def attend_rows(query_rows, key, value, rows=rows):
+        def attend_rows(
+            query_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: slice = rows
+        ) -> torch.Tensor:
             return logit_space_attention(
                 query_rows,
                 key,

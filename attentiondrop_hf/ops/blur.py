@@ -18,6 +18,7 @@ Kernel offsets are Python ints: no device tensor has to be read back to loop ove
 """
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def blur_taps(sigma: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     return taps / taps.sum(dim=-1, keepdim=True)
 
 
-def _shift_keys(x: torch.Tensor, offset: int, fill) -> torch.Tensor:
+def _shift_keys(x: torch.Tensor, offset: int, fill: float) -> torch.Tensor:
     """y[..., j] = x[..., j + offset], `fill` where j + offset falls outside the key axis."""
     if offset == 0:
         return x
@@ -101,7 +102,9 @@ def _tap_bands(length: int, first_offset: int, taps: int, device: torch.device) 
     return (distance[None] == torch.arange(taps, device=device)[:, None, None]).float()
 
 
-def _banded_blur_matrix(taps: torch.Tensor, offsets: tuple[int, ...], valid: torch.Tensor | None, length: int):
+def _banded_blur_matrix(
+    taps: torch.Tensor, offsets: tuple[int, ...], valid: torch.Tensor | None, length: int
+) -> torch.Tensor:
     """W[b, j, j'] = g_b[j' - j] · valid[b, j'], rows renormalised to sum 1 (all-zero rows stay zero)."""
     bands = _tap_bands(length, offsets[0], taps.shape[1], taps.device)
     weight = torch.einsum("bt,tkj->bkj", taps, bands)  # [B, K, K]
@@ -128,7 +131,9 @@ class _DepthwiseKeyBlur(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, keys, valid, taps, offsets):  # keys [B, H_kv, K, D] -> [B, H_kv, K, D]
+    def forward(
+        ctx: Any, keys: torch.Tensor, valid: torch.Tensor | None, taps: torch.Tensor, offsets: tuple[int, ...]
+    ) -> torch.Tensor:  # keys [B, H_kv, K, D] -> [B, H_kv, K, D]
         batch, kv_heads, length, head_dim = keys.shape
         mask = keys.new_ones(batch, 1, length) if valid is None else valid[:, None, :].to(keys.dtype)
         normaliser = _depthwise_blur(mask, taps, offsets).clamp_min(torch.finfo(keys.dtype).tiny)
@@ -142,7 +147,7 @@ class _DepthwiseKeyBlur(torch.autograd.Function):
         return blurred.view(batch, kv_heads, head_dim, length).permute(0, 1, 3, 2).contiguous()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         mask, normaliser, taps = ctx.saved_tensors
         batch, kv_heads, length, head_dim = grad.shape
         reversed_offsets = tuple(-offset for offset in reversed(ctx.offsets))

@@ -6,6 +6,8 @@ flash-attention kernels on the clean logits, and an exact correction of the (at 
 """
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -95,7 +97,7 @@ def _as_4d(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.view((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
 
 
-def _block_of(tensor: torch.Tensor | None, b: int, heads: slice, rows: slice | torch.Tensor):
+def _block_of(tensor: torch.Tensor | None, b: int, heads: slice, rows: slice | torch.Tensor) -> torch.Tensor | None:
     """Example `b`, heads `heads` and query rows `rows` of a `[B | 1, H | 1, Q | 1, ...]` tensor.
 
     Size-1 axes stay (they broadcast against the block): `[B, H, Q, X] -> [h | 1, r | 1, X]`. A view when `rows` is
@@ -123,7 +125,7 @@ def _block_sizes(heads: int, query_len: int, key_len: int, budget: int) -> tuple
     return max(1, min(heads, budget // (rows * key_len))), rows
 
 
-def _dense_blocks(query: torch.Tensor, key_len: int, budget: int):
+def _dense_blocks(query: torch.Tensor, key_len: int, budget: int) -> Iterator[tuple[int, slice, slice]]:
     """Every (example, heads, rows) block of a `[B, H, Q, ...]` query, rows as slices."""
     batch, heads, query_len, _ = query.shape
     block_heads, block_rows = _block_sizes(heads, query_len, key_len, budget)
@@ -133,7 +135,7 @@ def _dense_blocks(query: torch.Tensor, key_len: int, budget: int):
                 yield b, slice(h, h + block_heads), slice(r, r + block_rows)
 
 
-def _row_blocks(rows: torch.Tensor, key_len: int):
+def _row_blocks(rows: torch.Tensor, key_len: int) -> Iterator[tuple[int, slice, torch.Tensor]]:
     """Blocks covering the rows flagged in `rows` `[B, H, Q]`: one head at a time, the rows as index tensors."""
     block_rows = min(rows.shape[2], BLOCK_ROWS)
     for b, h in rows.any(-1).nonzero().tolist():
@@ -163,7 +165,16 @@ class _Call:
     """One call's tensors: the inputs (keys and values repeated to one per query head), the candidates and the drop,
     and what the forward computes and the backward accumulates."""
 
-    def __init__(self, query, key, value, bias, attendable, scaling, fill):
+    def __init__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        attendable: torch.Tensor | None,
+        scaling: float,
+        fill: str,
+    ) -> None:
         heads = query.shape[1]
         self.query, self.bias, self.attendable, self.scaling, self.fill = query, bias, attendable, scaling, fill
         self.key, self.value = _repeat_heads(key, heads), _repeat_heads(value, heads)  # [B, H, K, D]
@@ -211,7 +222,19 @@ class _HardMaskedAttention(torch.autograd.Function):
     candidates and the drop, and (fused path) which rows took the correction; recomputes everything else."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, attendable, scaling, top_k, p, fill, slot_uniforms):
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        attendable: torch.Tensor | None,
+        scaling: float,
+        top_k: int,
+        p: float,
+        fill: str,
+        slot_uniforms: torch.Tensor,
+    ) -> torch.Tensor:
         call = _Call(query, key, value, bias, attendable, scaling, fill)
         batch, heads, query_len, _ = query.shape
         if _fused_kernels_apply(query, value):
@@ -230,7 +253,7 @@ class _HardMaskedAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, bias, output, lse, candidates, dropped, safe = ctx.saved_tensors
         call = _Call(query, key, value, bias, ctx.attendable, ctx.scaling, ctx.fill)
         call.output, call.lse, call.candidates, call.dropped = output, lse, candidates, dropped
@@ -313,7 +336,7 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(math.e, x)
 
 
-def _pair_chunks(pairs: torch.Tensor, head_dim: int):
+def _pair_chunks(pairs: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
     """Chunks of (query, key) pairs small enough that their gathered `[pairs, head_dim]` rows and per-pair exp run
     inline (see `INLINE_ELEMENTS`)."""
     return pairs.split(max(1, min(INLINE_TRANSCENDENTALS, (INLINE_ELEMENTS - 1) // head_dim)))
@@ -328,7 +351,7 @@ class _Rows:
     any other layout is copied once.
     """
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor) -> None:
         self.order = sorted(range(3), key=lambda axis: tensor.stride(axis), reverse=True)
         permuted = tensor.permute(*self.order, 3)
         self.is_view = permuted.is_contiguous()  # a permutation of a contiguous tensor

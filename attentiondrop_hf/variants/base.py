@@ -32,9 +32,9 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -56,6 +56,7 @@ __all__ = [
 _VARIANTS: dict[str, type["AttentionDropVariant"]] = {}
 _RESERVED_NAMES: set[str] = set()
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+_Options = TypeVar("_Options")
 
 
 class UnknownVariantError(ValueError):
@@ -152,22 +153,22 @@ class AttentionDropVariant:
     attend_fast: ClassVar[Callable[[PerturbedCall, Any], tuple | None] | None] = None
 
     @staticmethod
-    def is_identity(options) -> bool:
+    def is_identity(options: Any) -> bool:
         return False
 
     @staticmethod
-    def validate(config) -> None:
+    def validate(config: Any) -> None:
         return None
 
     @staticmethod
-    def sample(options, call: PerturbedCall) -> dict[str, torch.Tensor]:
+    def sample(options: Any, call: PerturbedCall) -> dict[str, torch.Tensor]:
         return {}
 
     @staticmethod
     def perturb_logits(
         logits: torch.Tensor,
         attendable: torch.Tensor | None,
-        options,
+        options: Any,
         draws: dict[str, torch.Tensor],
         call: PerturbedCall,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,20 +176,22 @@ class AttentionDropVariant:
         raise NotImplementedError
 
     @staticmethod
-    def scaled(options, factor: float):
+    def scaled(options: Any, factor: float) -> Any | None:
         return None
 
     @staticmethod
-    def monitor(options, draws, clean, perturbed) -> dict[str, torch.Tensor]:
+    def monitor(
+        options: Any, draws: dict[str, torch.Tensor], clean: "MonitoredLogits", perturbed: "MonitoredLogits"
+    ) -> dict[str, torch.Tensor]:
         """Scalars about one perturbed call, from its draws and its `MonitoredLogits` before and after."""
         return {}
 
     @classmethod
-    def describe(cls, options) -> str:
+    def describe(cls, options: Any) -> str:
         return f"the user-registered variant `{cls.name}`."
 
     @staticmethod
-    def consistency_caveat(options) -> str | None:
+    def consistency_caveat(options: Any) -> str | None:
         return None
 
 
@@ -201,7 +204,7 @@ class MonitoredLogits:
     probs: torch.Tensor
 
 
-def with_values(options, **values):
+def with_values(options: _Options, **values: Any) -> _Options:
     """A copy of validated options with some values changed, without validating again (for `scaled`: values derived
     from validated ones, built once per schedule step)."""
     changed = copy.copy(options)
@@ -257,7 +260,7 @@ def register_variant(name: str, *, override: bool = False) -> Callable[[type], t
     return decorator
 
 
-def reserve_option_names(names) -> None:
+def reserve_option_names(names: Collection[str]) -> None:
     """Names no variant option may take (the common flags; called by `attentiondrop_hf.config`)."""
     for variant_name, variant in _VARIANTS.items():
         if clash := sorted({f.name for f in _option_fields(variant.options_class)} & set(names)):

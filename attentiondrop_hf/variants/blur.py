@@ -9,9 +9,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from ..ops.blur import blur_keys, blur_logits, blur_offsets, blur_taps, key_validity
 from ..ops.sampling import draw_blur_sigma
-from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
+from .base import (
+    AttentionDropVariant,
+    MonitoredLogits,
+    PerturbedCall,
+    is_int,
+    is_number,
+    register_variant,
+    with_values,
+)
 
 __all__ = ["BlurOptions", "BlurredAttentionSmoothing"]
 
@@ -30,7 +40,7 @@ class BlurOptions:
         metadata={"help": "blur: draw sigma per 'example' (default; needed by the consistency pass) or per 'batch'."},
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not is_int(self.blur_width) or self.blur_width < 3 or self.blur_width % 2 == 0:
             raise ValueError(f"`blur_width` must be an odd integer >= 3, got {self.blur_width!r}")
         for name in ("blur_sigma_min", "blur_sigma_max"):
@@ -56,12 +66,12 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
     options_class = BlurOptions
 
     @staticmethod
-    def is_identity(options):
+    def is_identity(options: BlurOptions) -> bool:
         # sigma -> 0 puts all of the kernel's weight on the key itself.
         return options.blur_sigma_max == 0.0
 
     @staticmethod
-    def sample(options, call):
+    def sample(options: BlurOptions, call: PerturbedCall) -> dict[str, torch.Tensor]:
         batch = call.query.shape[0]
         sigma = draw_blur_sigma(
             batch, options.blur_sigma_min, options.blur_sigma_max, options.blur_sigma_per, call.query.device
@@ -69,12 +79,18 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
         return {"sigma": sigma}
 
     @staticmethod
-    def perturb_logits(logits, attendable, options, draws, call):
+    def perturb_logits(
+        logits: torch.Tensor,
+        attendable: torch.Tensor | None,
+        options: BlurOptions,
+        draws: dict[str, torch.Tensor],
+        call: PerturbedCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         offsets = blur_offsets(options.blur_width, call.causal)
         return blur_logits(logits, attendable, blur_taps(draws["sigma"], offsets), offsets), attendable
 
     @staticmethod
-    def attend_fast(call, options):
+    def attend_fast(call: PerturbedCall, options: BlurOptions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if call.has_logit_terms:
             return None
         separable, valid = key_validity(call.attendable, call.causal)
@@ -85,16 +101,18 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
         return call.run_base(call.query, blurred, call.value)
 
     @staticmethod
-    def scaled(options, factor):
+    def scaled(options: BlurOptions, factor: float) -> BlurOptions:
         sigma_max = options.blur_sigma_max * factor
         return with_values(options, blur_sigma_max=sigma_max, blur_sigma_min=min(options.blur_sigma_min, sigma_max))
 
     @staticmethod
-    def monitor(options, draws, clean, perturbed):
+    def monitor(
+        options: BlurOptions, draws: dict[str, torch.Tensor], clean: MonitoredLogits, perturbed: MonitoredLogits
+    ) -> dict[str, torch.Tensor]:
         return {"sigma": draws["sigma"].mean()}
 
     @staticmethod
-    def describe(options):
+    def describe(options: BlurOptions) -> str:
         return (
             "**Blurred Attention Smoothing**: each row of attention logits is convolved along the key axis with a "
             "Gaussian kernel of width `blur_width` and sigma ~ U(`blur_sigma_min`, `blur_sigma_max`), renormalised "
@@ -102,7 +120,7 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
         )
 
     @staticmethod
-    def consistency_caveat(options):
+    def consistency_caveat(options: BlurOptions) -> str | None:
         if options.blur_sigma_min == options.blur_sigma_max:
             return (
                 "a fixed sigma (blur_sigma_min == blur_sigma_max) blurs both copies of the consistency pass "

@@ -9,10 +9,21 @@ logit-space reference (BEiT's relative position bias, for one, enters its logits
 """
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from ..ops.blur2d import blur2d_keys, blur2d_logits, blur2d_taps, patch_grid
 from ..ops.sampling import draw_blur_sigma
-from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
+from .base import (
+    AttentionDropVariant,
+    MonitoredLogits,
+    PerturbedCall,
+    is_int,
+    is_number,
+    register_variant,
+    with_values,
+)
 
 __all__ = ["Blur2dOptions", "BlurredAttentionSmoothing2d"]
 
@@ -47,7 +58,7 @@ class Blur2dOptions:
         default=None, metadata={"help": "blur2d: (height, width) of the patch grid (default: square)."}
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not is_int(self.blur2d_width) or self.blur2d_width < 3 or self.blur2d_width % 2 == 0:
             raise ValueError(f"`blur2d_width` must be an odd integer >= 3, got {self.blur2d_width!r}")
         for name in ("blur2d_sigma_min", "blur2d_sigma_max"):
@@ -69,7 +80,7 @@ class Blur2dOptions:
             self.blur2d_grid = list(grid)
 
 
-def _prefix_tokens(options: Blur2dOptions, config) -> int:
+def _prefix_tokens(options: Blur2dOptions, config: Any) -> int:
     if options.blur2d_prefix_tokens is not None:
         return options.blur2d_prefix_tokens
     model_type = getattr(config, "model_type", None)
@@ -81,7 +92,7 @@ def _prefix_tokens(options: Blur2dOptions, config) -> int:
     return PREFIX_TOKENS[model_type](config)
 
 
-def _grid_of(options: Blur2dOptions, call) -> tuple[int, tuple[int, int]]:
+def _grid_of(options: Blur2dOptions, call: PerturbedCall) -> tuple[int, tuple[int, int]]:
     if call.causal:
         raise ValueError("blur2d blurs an image's patch grid: it perturbs bidirectional self-attention only")
     prefix = _prefix_tokens(options, call.config)
@@ -94,7 +105,7 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
     options_class = Blur2dOptions
 
     @staticmethod
-    def validate(config):
+    def validate(config: Any) -> None:
         if config.targets is not None and config.targets != ["self"]:
             raise ValueError(
                 "blur2d blurs an image's patch grid: it perturbs bidirectional self-attention only, "
@@ -102,11 +113,11 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
             )
 
     @staticmethod
-    def is_identity(options):
+    def is_identity(options: Blur2dOptions) -> bool:
         return options.blur2d_sigma_max == 0.0
 
     @staticmethod
-    def sample(options, call):
+    def sample(options: Blur2dOptions, call: PerturbedCall) -> dict[str, torch.Tensor]:
         batch = call.query.shape[0]
         sigma = draw_blur_sigma(
             batch, options.blur2d_sigma_min, options.blur2d_sigma_max, "example", call.query.device
@@ -114,13 +125,19 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
         return {"sigma": sigma}
 
     @staticmethod
-    def perturb_logits(logits, attendable, options, draws, call):
+    def perturb_logits(
+        logits: torch.Tensor,
+        attendable: torch.Tensor | None,
+        options: Blur2dOptions,
+        draws: dict[str, torch.Tensor],
+        call: PerturbedCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         prefix, grid = _grid_of(options, call)
         taps = blur2d_taps(draws["sigma"], options.blur2d_width)
         return blur2d_logits(logits, attendable, taps, prefix, grid), attendable
 
     @staticmethod
-    def attend_fast(call, options):
+    def attend_fast(call: PerturbedCall, options: Blur2dOptions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if call.has_logit_terms or call.attendable is not None:
             return None
         prefix, grid = _grid_of(options, call)
@@ -128,18 +145,20 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
         return call.run_base(call.query, blur2d_keys(call.key, taps, prefix, grid), call.value)
 
     @staticmethod
-    def scaled(options, factor):
+    def scaled(options: Blur2dOptions, factor: float) -> Blur2dOptions:
         sigma_max = options.blur2d_sigma_max * factor
         return with_values(
             options, blur2d_sigma_max=sigma_max, blur2d_sigma_min=min(options.blur2d_sigma_min, sigma_max)
         )
 
     @staticmethod
-    def monitor(options, draws, clean, perturbed):
+    def monitor(
+        options: Blur2dOptions, draws: dict[str, torch.Tensor], clean: MonitoredLogits, perturbed: MonitoredLogits
+    ) -> dict[str, torch.Tensor]:
         return {"sigma": draws["sigma"].mean()}
 
     @staticmethod
-    def describe(options):
+    def describe(options: Blur2dOptions) -> str:
         return (
             "**2-D Blurred Attention Smoothing** (`blur2d`, this package's extension of the paper's blur to vision "
             "models): each row of attention logits is blurred over the image's patch grid by a Gaussian of width "
@@ -148,7 +167,7 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
         )
 
     @staticmethod
-    def consistency_caveat(options):
+    def consistency_caveat(options: Blur2dOptions) -> str | None:
         if options.blur2d_sigma_min == options.blur2d_sigma_max:
             return (
                 "a fixed sigma (blur2d_sigma_min == blur2d_sigma_max) blurs both copies of the consistency pass "

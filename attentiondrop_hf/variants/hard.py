@@ -9,10 +9,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from ..ops.hard import apply_hard_drop, hard_drop_pattern
 from ..ops.hard_attention import hard_masked_attention
 from ..ops.sampling import draw_slot_uniforms
-from .base import AttentionDropVariant, is_int, is_number, register_variant, with_values
+from .base import (
+    AttentionDropVariant,
+    MonitoredLogits,
+    PerturbedCall,
+    is_int,
+    is_number,
+    register_variant,
+    with_values,
+)
 
 __all__ = ["HardAttentionMasking", "HardOptions"]
 
@@ -37,7 +47,7 @@ class HardOptions:
         metadata={"help": "hard: replace a dropped logit by 0 ('zero', the paper) or remove its key ('mask')."},
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not is_number(self.p) or not 0.0 <= self.p <= 1.0:
             raise ValueError(f"`p` must be in [0, 1], got {self.p!r}")
         if not is_int(self.top_k) or self.top_k < 1:
@@ -55,22 +65,28 @@ class HardAttentionMasking(AttentionDropVariant):
     options_class = HardOptions
 
     @staticmethod
-    def is_identity(options):
+    def is_identity(options: HardOptions) -> bool:
         return options.p == 0.0
 
     @staticmethod
-    def sample(options, call):
+    def sample(options: HardOptions, call: PerturbedCall) -> dict[str, torch.Tensor]:
         batch, heads, query_len, _ = call.query.shape
         slots = min(options.top_k, call.key.shape[2])
         return {"slot_uniforms": draw_slot_uniforms(batch, heads, query_len, slots, call.query.device)}
 
     @staticmethod
-    def perturb_logits(logits, attendable, options, draws, call):
+    def perturb_logits(
+        logits: torch.Tensor,
+        attendable: torch.Tensor | None,
+        options: HardOptions,
+        draws: dict[str, torch.Tensor],
+        call: PerturbedCall,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dropped = hard_drop_pattern(logits, attendable, options.top_k, options.p, draws["slot_uniforms"])
         return apply_hard_drop(logits, attendable, dropped, options.hard_fill)
 
     @staticmethod
-    def attend_fast(call, options):
+    def attend_fast(call: PerturbedCall, options: HardOptions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if call.key.shape[2] < FUSED_MIN_KEYS or call.dropout > 0 or call.softcap is not None:
             return None
         terms = [t for t in (call.bias, call.position_bias) if t is not None]
@@ -90,11 +106,13 @@ class HardAttentionMasking(AttentionDropVariant):
         return output, None
 
     @staticmethod
-    def scaled(options, factor):
+    def scaled(options: HardOptions, factor: float) -> HardOptions:
         return with_values(options, p=options.p * factor)
 
     @staticmethod
-    def monitor(options, draws, clean, perturbed):
+    def monitor(
+        options: HardOptions, draws: dict[str, torch.Tensor], clean: MonitoredLogits, perturbed: MonitoredLogits
+    ) -> dict[str, torch.Tensor]:
         # The attention mass, before the perturbation, of the keys it dropped (replaced or removed), per row.
         dropped = perturbed.logits != clean.logits
         if perturbed.attendable is not None:  # hard_fill="mask" removed keys
@@ -103,7 +121,7 @@ class HardAttentionMasking(AttentionDropVariant):
         return {"dropped_mass": (clean.probs * dropped).sum(-1).mean()}
 
     @staticmethod
-    def describe(options):
+    def describe(options: HardOptions) -> str:
         return (
             "**Hard Attention Masking**: each of a query row's `top_k` largest attention logits (among the keys it "
             f"may attend to) is dropped with probability `p`; a dropped logit is {_FILLS[options.hard_fill]}."
