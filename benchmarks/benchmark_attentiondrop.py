@@ -75,7 +75,18 @@ WORKLOAD_MODES = {
 SEQ2SEQ = {"width": 128, "layers": 2, "vocabulary": 8000, "batch": 64, "median_length": 14, "length_spread": 0.35}
 
 
-def workload_sizes(device: str) -> dict:
+# `--sizes tiny`: every mode of every workload at toy sizes, in seconds (the dry run of gpu_check.py, tested in CI).
+# The attention length stays above the fused hard op's threshold (FUSED_MIN_KEYS) so that path runs too.
+TINY = {
+    "vit": {"hidden": 32, "layers": 2, "heads": 2, "image": 16, "patch": 4, "batch": 4, "dtype": "float32"},
+    "attention": {"batch": 1, "heads": 2, "length": 1040, "dim": 16, "dtype": "float32"},
+    "seq2seq": {**SEQ2SEQ, "width": 32, "vocabulary": 200, "batch": 8},
+}
+
+
+def workload_sizes(device: str, tiny: bool = False) -> dict:
+    if tiny:
+        return TINY
     if device == "cuda":
         return {
             "vit": {
@@ -270,17 +281,18 @@ def seq2seq_step(mode: str, device: str, sizes: dict):
     return step
 
 
-class _AttentionModule(torch.nn.Module):
-    """Stands in for a model's attention module: what the attention function reads off it."""
+def attention_module(flags: dict | None) -> torch.nn.Module:
+    """The attention module of a one-layer ViT (set up with `flags` when given): what the attention functions read
+    off it (plan, config, causality) when called directly on tensors of the workload's size."""
+    from transformers import ViTConfig, ViTForImageClassification
 
-    def __init__(self, flags):
-        super().__init__()
-        from transformers import ViTConfig
+    from attentiondrop_hf.hf.plan import attention_modules
 
-        self.config = ViTConfig(num_hidden_layers=1)
-        self.config.attentiondrop = flags
-        self.is_causal = False
-        self.layer_idx = 0
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    (module,) = attention_modules(model).values()
+    if flags is not None:
+        enable_attentiondrop(model, **flags)
+    return module.train()
 
 
 def attention_step(mode: str, device: str, sizes: dict):
@@ -292,11 +304,11 @@ def attention_step(mode: str, device: str, sizes: dict):
     torch.manual_seed(0)
     query, key, value = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(sizes["batch"], sizes["length"], sizes["heads"], sizes["dim"], device=device, dtype=dtype)
-    module = _AttentionModule(flags).train()
+    module = attention_module(flags)
     if implementation == "sdpa":
         function = ALL_ATTENTION_FUNCTIONS["sdpa"]
     elif implementation == "eager":
-        from attentiondrop_hf.hf.attention import generic_eager_attention as function
+        from attentiondrop_hf.hf.plan import generic_eager_attention as function
     else:
         function = attentiondrop_attention_forward
 
@@ -316,6 +328,9 @@ def build(workload: str, mode: str, device: str, sizes: dict):
 def isolated_peak_memory(workload: str, mode: str, args) -> int:
     """On the CPU each mode's peak is read in a fresh process, whose heap holds nothing of the other modes."""
     command = [sys.executable, __file__, "--_memory", workload, mode, "--threads", str(args.threads)]
+    command += ["--sizes", args.sizes] + (
+        ["--attention_length", str(args.attention_length)] if args.attention_length else []
+    )
     # A fixed mmap threshold makes glibc return every freed large block to the system at once, so the resident set
     # follows the live tensors instead of the heap's high-water mark.
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -332,10 +347,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed rounds (default: 20, attention 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--sizes", choices=["default", "tiny"], default="default", help="tiny: a seconds-long check")
+    parser.add_argument(
+        "--attention_length", type=int, help="N of the attention workload (default: 8192 GPU, 2048 CPU)"
+    )
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = workload_sizes(args.device)
+    sizes = workload_sizes(args.device, tiny=args.sizes == "tiny")
+    if args.attention_length:
+        sizes = {**sizes, "attention": {**sizes["attention"], "length": args.attention_length}}
 
     if args._memory:
         workload, mode = args._memory

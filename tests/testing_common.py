@@ -442,3 +442,19 @@ def write_translation_fixture(path, pairs=40):
             pair = {"en": " ".join(words_en[i] for i in picks), "de": " ".join(words_de[i] for i in picks)}
             handle.write(json.dumps({"translation": pair}) + "\n")
     return path
+
+
+def planned_attention_module(flags: dict, causal: bool = False) -> torch.nn.Module:
+    """The attention module of a one-layer model set up with `flags` (ViT: bidirectional; Llama: causal, one key
+    head per query head), in training mode: what `attentiondrop_attention_forward` reads (plan, config, causality)
+    when it is called directly on tensors of any size."""
+    from attentiondrop_hf import enable_attentiondrop
+    from attentiondrop_hf.hf.plan import PLAN_ATTRIBUTE
+
+    if causal:
+        model = build("llama", num_hidden_layers=1, num_key_value_heads=_DECODER["num_attention_heads"])
+    else:
+        model = build("vit", num_hidden_layers=1)
+    enable_attentiondrop(model, **flags)
+    (module,) = [m for m in model.modules() if PLAN_ATTRIBUTE in m.__dict__ and m is not model]
+    return module.train()
