@@ -7,14 +7,14 @@ saved in config.json and a checkpoint loads in stock Transformers without this p
 """
 
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from packaging.version import Version
 
 from .ops.schedules import DEPTH_RULES, SCHEDULES
 from .variants import get_variant, registered_variants
-from .variants.base import is_int, is_number, reserve_option_names
+from .variants.base import AttentionDropVariant, is_int, is_number, reserve_option_names
 from .version import __version__
 
 __all__ = ["BASE_IMPLEMENTATIONS", "ROLES", "VERSION_KEY", "AttentionDropConfig"]
@@ -77,7 +77,7 @@ class AttentionDropConfig:
         default=None, init=False, metadata={"help": "The chosen variant's own options (its `options_class`)."}
     )
 
-    def __init__(self, options: Any = None, **flags: Any):
+    def __init__(self, options: Any = None, **flags: Any) -> None:
         for common in fields(self):
             if common.init:
                 setattr(self, common.name, flags.pop(common.name) if common.name in flags else _default(common))
@@ -146,7 +146,7 @@ class AttentionDropConfig:
         return cls(**flags)
 
 
-def _default(f):
+def _default(f: Field) -> Any:
     return f.default_factory() if f.default is MISSING else f.default
 
 
@@ -159,7 +159,7 @@ def _all_flag_names() -> set[str]:
     return _common_flag_names() | options
 
 
-def _build_options(variant, options: Any, option_flags: dict[str, Any]):
+def _build_options(variant: type[AttentionDropVariant], options: Any, option_flags: dict[str, Any]) -> Any:
     """The variant's options from `options=` or from flags given by name; other variants' flags are ignored (with a
     warning when set away from their defaults), unknown flags raise."""
     own = {f.name: f for f in fields(variant.options_class)}

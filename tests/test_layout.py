@@ -3,6 +3,7 @@
 
 import ast
 import os
+import pathlib
 
 import pytest
 
@@ -75,3 +76,18 @@ def imports_of_source(source: str, package: str) -> list[str]:
         return imports(handle.name, package)
     finally:
         os.unlink(handle.name)
+
+
+def test_every_function_of_the_package_is_annotated():
+    """py.typed promises users' type checkers an annotated API: every parameter and every return, helpers included
+    (they become public soon enough)."""
+    missing = []
+    for path in sorted(pathlib.Path(PACKAGE).resolve().rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                arguments = [a for a in arguments if a.arg not in ("self", "cls")]
+                arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+                if node.returns is None or any(a.annotation is None for a in arguments):
+                    missing.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not missing, missing
