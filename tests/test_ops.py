@@ -281,3 +281,15 @@ def test_consistency_terms_equal_the_reference_on_the_whole_tensors(direction, i
     else:
         assert torch.equal(task, reference_task) and torch.equal(kl, reference_kl)
         assert all(torch.equal(a, b) for a, b in zip(fast_grads, reference_grads))
+
+
+def test_key_validity_asserted_for_a_compiled_graph_raises_on_a_mask_that_depends_on_the_query():
+    padded = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    padded[1, ..., 3:] = False
+    causal = padded & torch.ones(5, 5, dtype=torch.bool).tril()
+    assert ops.key_validity(causal, True, assume_separable=True)[1].tolist() == padded[:, 0, 0].tolist()
+    packed = causal.clone()
+    packed[0, 0, 4, :2] = False  # a second sequence starts at position 2 in the first example
+    assert ops.key_validity(packed, True) == (False, None)
+    with pytest.raises(RuntimeError, match="needs a mask of padding plus causality"):
+        ops.key_validity(packed, True, assume_separable=True)

@@ -132,6 +132,7 @@ def attentiondrop_attention_forward(
         softcap=kwargs.get("softcap"),
         scaling=scaling,
         dropout=dropout,
+        windowed=kwargs.get("sliding_window") is not None,
         run_base=lambda q, k, v: plan.base_attention(
             module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         ),

@@ -121,6 +121,10 @@ class ModelPlan:
     restore: list = field(default_factory=list)
     progress: float | None = None
     _scaled: dict = field(default_factory=dict, repr=False)
+    # The schedule's factor at `progress`, updated in place: a compiled graph reads it as an input, so a new step
+    # does not recompile (a Python number would be a constant of the graph). On the CPU, so reading it is no sync.
+    _schedule_factor: torch.Tensor = field(default_factory=lambda: torch.ones(()), repr=False)
+    _progress_reported: bool = field(default=False, repr=False)  # read when tracing instead of `progress` itself
 
     @property
     def variant(self) -> type[AttentionDropVariant]:
@@ -128,24 +132,33 @@ class ModelPlan:
 
     def set_progress(self, progress: float) -> None:
         if progress != self.progress:
-            self.progress, self._scaled = progress, {}
+            self.progress, self._scaled, self._progress_reported = progress, {}, True
+            settings = self.settings
+            self._schedule_factor.fill_(schedule_factor(settings.schedule, settings.schedule_warmup, progress))
 
-    def strength(self, site: Site) -> float:
-        """The factor the variant's strength is scaled by at `site` and this point of training."""
+    def strength(self, site: Site) -> float | torch.Tensor:
+        """The factor the variant's strength is scaled by at `site` and this point of training: a number, or under
+        `torch.compile` with a `schedule` a 0-dim tensor (so that the graph does not depend on the step)."""
         settings = self.settings
-        if settings.schedule != "constant" and self.progress is None:
+        depth = depth_factor(settings.depth_rule, site.layer, site.depth)
+        if settings.schedule == "constant":
+            return depth
+        if not self._progress_reported:
             raise ValueError(
                 f"AttentionDrop `schedule={settings.schedule!r}` follows the training step, which nothing reported: "
                 "train with AttentionDropTrainer, or add attentiondrop_hf.AttentionDropScheduleCallback to the trainer"
             )
-        factor = schedule_factor(settings.schedule, settings.schedule_warmup, self.progress or 0.0)
-        return factor * depth_factor(settings.depth_rule, site.layer, site.depth)
+        if torch.compiler.is_compiling():
+            return self._schedule_factor * depth
+        return float(self._schedule_factor) * depth
 
     def options_at(self, site: Site) -> Any | None:
         """The variant's options in force at `site` now; `None` where they change nothing (identity)."""
         options = self.settings.options
         if self.settings.varies_strength:
             factor = self.strength(site)
+            if torch.is_tensor(factor):  # compiled: whether the step's strength is 0 is not known when tracing
+                return self.variant.scaled(options, factor)
             if factor not in self._scaled:
                 self._scaled[factor] = self.variant.scaled(options, factor)
             options = self._scaled[factor]

@@ -195,11 +195,18 @@ def blur_keys(
     return blurred.view(batch, length, kv_heads, head_dim).transpose(1, 2)
 
 
-def key_validity(attendable: torch.Tensor | None, causal: bool) -> tuple[bool, torch.Tensor | None]:
+def key_validity(
+    attendable: torch.Tensor | None, causal: bool, assume_separable: bool = False
+) -> tuple[bool, torch.Tensor | None]:
     """Whether attendability depends on the key alone (plus causality), and if so which keys are valid.
 
     This is the condition under which a blur along the key axis can be moved from the logits onto the keys: every
     row then renormalises over the same neighbours of a key.
+
+    Args:
+        assume_separable (`bool`): for a compiled graph, where testing the mask's values would break the graph: the
+            mask is taken to be separable, and this is asserted on the device (`torch._assert_async`, no host
+            sync): a mask that is not (packed sequences) raises instead of giving a wrong blur.
 
     Returns:
         `(separable, valid)`: `valid` is a bool tensor of shape `[B | 1, K]` (`None` = every key valid). When
@@ -213,6 +220,13 @@ def key_validity(attendable: torch.Tensor | None, causal: bool) -> tuple[bool, t
     expected = (
         valid & causal_pattern(attendable.shape[-2], attendable.shape[-1], attendable.device) if causal else valid
     )
-    if not torch.equal(expected.expand_as(attendable), attendable):
+    if assume_separable:
+        torch._assert_async(
+            (expected.expand_as(attendable) == attendable).all(),
+            "AttentionDrop's blur under torch.compile needs a mask of padding plus causality (a sliding window or "
+            "packed sequences depend on the query): run this model uncompiled, where the blur falls back to its "
+            "logit-space reference",
+        )
+    elif not torch.equal(expected.expand_as(attendable), attendable):
         return False, None
     return True, valid[:, 0, 0, :]

@@ -19,15 +19,18 @@ def draw_slot_uniforms(batch: int, heads: int, query_len: int, slots: int, devic
     return torch.rand(batch, heads, query_len, slots, device=device, dtype=torch.float32)
 
 
-def draw_blur_sigma(batch: int, low: float, high: float, per: str, device: torch.device) -> torch.Tensor:
+def draw_blur_sigma(
+    batch: int, low: float | torch.Tensor, high: float | torch.Tensor, per: str, device: torch.device
+) -> torch.Tensor:
     """Blur widths sigma ~ U(low, high), one per example (`per="example"`) or one for the batch (`per="batch"`).
 
-    `low == high` is a fixed sigma and consumes no random numbers.
+    `low == high` (numbers) is a fixed sigma and consumes no random numbers. `high` may be a 0-dim tensor (a
+    scheduled strength under `torch.compile`): it is then always drawn.
 
     Returns:
         `torch.Tensor` of shape `[batch]`, float32.
     """
-    if low == high:
+    if not torch.is_tensor(high) and low == high:
         return torch.full((batch,), float(low), device=device, dtype=torch.float32)
     draws = torch.rand(batch if per == "example" else 1, device=device, dtype=torch.float32)
     return (low + (high - low) * draws).expand(batch)

@@ -96,6 +96,7 @@ class PerturbedCall:
         softcap (`float`, *optional*): `softcap · tanh(L / softcap)` of the logits (Gemma 2).
         scaling (`float`, *optional*): the logit scale (`D ** -0.5` when `None`).
         dropout (`float`): attention-probability dropout of the call.
+        windowed (`bool`): the model limits each query to a sliding window of keys (its `sliding_window`).
         draws (`dict[str, torch.Tensor]`): this call's random draws, filled in by `AttentionDropVariant.sample`.
     """
 
@@ -111,6 +112,7 @@ class PerturbedCall:
     softcap: float | None = None
     scaling: float | None = None
     dropout: float = 0.0
+    windowed: bool = False
     draws: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -141,7 +143,9 @@ class AttentionDropVariant:
         is_identity: True for options under which the variant changes nothing (the call then goes to the base).
         validate: checks that involve the common flags (e.g. which attention roles the variant can act on).
         scaled: the options at a fraction of the variant's strength, for schedules and depth rules (`with_values`
-            builds them); `None`, the default, for a variant with no strength to scale.
+            builds them); `None`, the default, for a variant with no strength to scale. The factor is a number, or
+            under `torch.compile` with a schedule a 0-dim tensor: scale with arithmetic (`smaller` for a minimum),
+            never an `if` on its value.
         monitor: what `AttentionDropMonitorCallback` logs about a perturbed call besides the attention entropies
             (e.g. the attention mass hard masking removed, the sigma a blur drew).
         describe: the Markdown sentence a model card prints about the variant and its options.
@@ -211,6 +215,11 @@ def with_values(options: _Options, **values: Any) -> _Options:
     for name, value in values.items():
         setattr(changed, name, value)
     return changed
+
+
+def smaller(bound: float, value: float | torch.Tensor) -> float | torch.Tensor:
+    """min(bound, value) for a value that may be a 0-dim tensor (a scaled strength under `torch.compile`)."""
+    return value.clamp(max=bound) if torch.is_tensor(value) else min(bound, value)
 
 
 def _option_fields(cls: type) -> list[dataclasses.Field]:

@@ -20,6 +20,7 @@ from .base import (
     is_int,
     is_number,
     register_variant,
+    smaller,
     with_values,
 )
 
@@ -91,9 +92,12 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
 
     @staticmethod
     def attend_fast(call: PerturbedCall, options: BlurOptions) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if call.has_logit_terms:
+        # Compiled, the mask's values are not tested (that would break the graph at every call): a sliding window
+        # takes the reference, any other mask is asserted separable.
+        compiling = torch.compiler.is_compiling()
+        if call.has_logit_terms or (compiling and call.windowed):
             return None
-        separable, valid = key_validity(call.attendable, call.causal)
+        separable, valid = key_validity(call.attendable, call.causal, assume_separable=compiling)
         if not separable:
             return None
         offsets = blur_offsets(options.blur_width, call.causal)
@@ -103,7 +107,8 @@ class BlurredAttentionSmoothing(AttentionDropVariant):
     @staticmethod
     def scaled(options: BlurOptions, factor: float) -> BlurOptions:
         sigma_max = options.blur_sigma_max * factor
-        return with_values(options, blur_sigma_max=sigma_max, blur_sigma_min=min(options.blur_sigma_min, sigma_max))
+        sigma_min = smaller(options.blur_sigma_min, sigma_max)
+        return with_values(options, blur_sigma_max=sigma_max, blur_sigma_min=sigma_min)
 
     @staticmethod
     def monitor(

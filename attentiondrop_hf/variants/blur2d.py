@@ -22,6 +22,7 @@ from .base import (
     is_int,
     is_number,
     register_variant,
+    smaller,
     with_values,
 )
 
@@ -148,7 +149,7 @@ class BlurredAttentionSmoothing2d(AttentionDropVariant):
     def scaled(options: Blur2dOptions, factor: float) -> Blur2dOptions:
         sigma_max = options.blur2d_sigma_max * factor
         return with_values(
-            options, blur2d_sigma_max=sigma_max, blur2d_sigma_min=min(options.blur2d_sigma_min, sigma_max)
+            options, blur2d_sigma_max=sigma_max, blur2d_sigma_min=smaller(options.blur2d_sigma_min, sigma_max)
         )
 
     @staticmethod
