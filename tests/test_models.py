@@ -551,3 +551,32 @@ def test_a_compiled_schedule_neither_breaks_nor_recompiles_and_follows_the_step(
         outputs[progress] = eager_logits
     assert counters["stats"]["unique_graphs"] == 1
     assert not torch.allclose(outputs[0.3], outputs[1.0])  # the strength did change between steps
+
+
+def test_compiled_hard_masking_at_long_sequences_has_no_graph_break_and_matches_the_reference():
+    """From FUSED_MIN_KEYS keys on, hard masking runs `hard_masked_attention`; compiled, it takes its dense blocks
+    (the CPU correction's pair list has a data-dependent size): no break, the reference's output and gradients."""
+    from testing_common import planned_attention_module
+
+    from attentiondrop_hf.variants.hard import FUSED_MIN_KEYS
+
+    module = planned_attention_module({"variant": "hard", "p": 0.3, "top_k": 8})
+
+    def attend(query, key, value):
+        return attention_glue.attentiondrop_attention_forward(module, query, key, value, None, scaling=0.25)[0]
+
+    def run(function, reference=False):
+        torch.manual_seed(0)
+        tensors = [torch.randn(1, 2, FUSED_MIN_KEYS + 6, 16, requires_grad=True) for _ in range(3)]
+        with force_reference_path(reference):
+            torch.manual_seed(1)
+            output = function(*tensors)
+        output.square().sum().backward()
+        return [output] + [t.grad for t in tensors]
+
+    torch._dynamo.reset()
+    tensors = [torch.randn(1, 2, FUSED_MIN_KEYS + 6, 16, requires_grad=True) for _ in range(3)]
+    assert torch._dynamo.explain(attend)(*tensors).graph_break_count == 0
+    torch._dynamo.reset()
+    for got, want in zip(run(torch.compile(attend, backend="aot_eager")), run(attend, reference=True)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -153,9 +153,12 @@ def _repeat_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _fused_kernels_apply(query: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether torch's CPU flash-attention kernels (forward with log-sum-exp, backward) can be used."""
+    """Whether torch's CPU flash-attention kernels (forward with log-sum-exp, backward) can be used. Not in a compiled
+    graph: the correction's pair list has a data-dependent size, which would break the graph; the dense blocks
+    do not."""
     return (
         query.device.type == "cpu"
+        and not torch.compiler.is_compiling()
         and query.shape[-1] == value.shape[-1]
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
     )
