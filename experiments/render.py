@@ -2,7 +2,8 @@
 
 Every number is a mean ± sample standard deviation (ddof = 1) over the seeds a row has; the number of seeds is in the
 table. Paired differences subtract, seed by seed, the `none` row's value of the same seed (same data order and
-initialisation), then average; they use only the seeds both rows have. One seed: no ± (no spread to show).
+initialisation), then average; they use only the seeds both rows have, and carry a 95 % t-interval (n − 1 degrees
+of freedom): a difference is called an effect only when its interval excludes 0. One seed: no interval.
 """
 
 import glob
@@ -11,7 +12,15 @@ import os
 
 import numpy as np
 
-__all__ = ["aggregate", "columns_for", "load_runs", "markdown_tables", "paired_differences", "render"]
+__all__ = [
+    "aggregate",
+    "columns_for",
+    "load_runs",
+    "markdown_tables",
+    "paired_differences",
+    "paired_interval",
+    "render",
+]
 
 BASELINE = "none"
 
@@ -75,8 +84,25 @@ def aggregate(runs: list[dict], rows: list[str], keys: list[str]) -> dict[str, d
     return table
 
 
+def paired_interval(differences: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """(mean, half-width of the `level` t-interval with n - 1 degrees of freedom, or None for one difference)."""
+    from scipy.stats import t
+
+    values = np.asarray(differences, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), None
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def is_effect(stat: tuple[float, float | None]) -> bool:
+    """Whether a paired difference's interval excludes 0."""
+    mean, half = stat
+    return half is not None and abs(mean) > half
+
+
 def paired_differences(runs: list[dict], rows: list[str], keys: list[str]) -> dict[str, dict]:
-    """Per row other than `none`: per key, (mean, std or None) over seeds of (row value - none value, same seed)."""
+    """Per row other than `none`: per key, `paired_interval` over seeds of (row value - none value, same seed)."""
     baseline = {r["seed"]: r for r in runs if r["row"] == BASELINE}
     table = {}
     for row in rows:
@@ -86,7 +112,7 @@ def paired_differences(runs: list[dict], rows: list[str], keys: list[str]) -> di
         if not pairs:
             continue
         stats = {
-            key: _mean_std([mine[key] - base[key] for mine, base in pairs])
+            key: paired_interval([mine[key] - base[key] for mine, base in pairs])
             for key in keys
             if all(key in mine and key in base for mine, base in pairs)
         }
@@ -100,6 +126,18 @@ def _cell(stat: tuple[float, float | None] | None, fmt: str, signed: bool = Fals
     mean, std = stat
     text = ("+" if signed and mean >= 0 else "") + fmt.format(mean)
     return text if std is None else f"{text} ± {fmt.format(std)}"
+
+
+def _interval_cell(stat: tuple[float, float | None] | None, fmt: str) -> str:
+    """`+mean [low, high]`, the mean in bold when the interval excludes 0 (an effect)."""
+    if stat is None:
+        return "—"
+    mean, half = stat
+    signed = ("+" if mean >= 0 else "") + fmt.format(mean)
+    if half is None:
+        return signed
+    bounds = ", ".join(("+" if b >= 0 else "") + fmt.format(b) for b in (mean - half, mean + half))
+    return f"{f'**{signed}**' if is_effect(stat) else signed} [{bounds}]"
 
 
 def markdown_tables(runs: list[dict], protocol: dict) -> str:
@@ -117,7 +155,8 @@ def markdown_tables(runs: list[dict], protocol: dict) -> str:
             lines.append(f"| {row} | {len(means[row]['seeds'])} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"**Paired difference from `{BASELINE}` (row − none, same seed; mean ± std over seeds)**",
+        f"**Paired difference from `{BASELINE}` (row − none, same seed; mean [95 % t-interval]; bold: the interval "
+        "excludes 0)**",
         "",
         header,
         rule,
@@ -125,7 +164,7 @@ def markdown_tables(runs: list[dict], protocol: dict) -> str:
     for row in rows:
         if row in diffs:
             cells = [
-                _cell(diffs[row]["stats"].get(key), fmt, signed=True) if key != "time_ratio" else "—"
+                _interval_cell(diffs[row]["stats"].get(key), fmt) if key != "time_ratio" else "—"
                 for key, _, fmt, _ in columns
             ]
             lines.append(f"| {row} | {len(diffs[row]['seeds'])} | " + " | ".join(cells) + " |")
@@ -167,9 +206,9 @@ def _plot_bars(runs, protocol, path) -> None:
 
 
 def _plot_differences(runs, protocol, path) -> None:
-    """Each row's paired difference from `none` (mean ± std over seeds), one panel per metric with a known better
-    direction: the picture that answers "does it help?". Green: better by more than the seed spread; red: worse by
-    more; grey: no difference (or a single seed, no spread to judge by)."""
+    """Each row's paired difference from `none` (mean and 95 % t-interval), one panel per metric with a known better
+    direction: the picture that answers "does it help?". Green: better, the interval excluding 0; red: worse, the
+    same; grey: no difference shown (or a single seed, no interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +229,7 @@ def _plot_differences(runs, protocol, path) -> None:
         means = np.array([s[0] for s in stats])
         errors = np.array([np.nan if s[1] is None else s[1] for s in stats])
         gain = means if better else -means
-        colors = np.where(gain - errors > 0, "C2", np.where(gain + errors < 0, "C3", "0.6"))
+        colors = np.where(gain - errors > 0, "C2", np.where(gain + errors < 0, "C3", "0.6"))  # NaN: grey
         axis.barh(range(len(shown)), means, xerr=np.nan_to_num(errors), color=list(colors), capsize=3)
         axis.axvline(0.0, color="0.3", linewidth=0.8)
         axis.set_yticks(range(len(shown)), shown if index % ncols == 0 else [], fontsize=8)
@@ -202,8 +241,8 @@ def _plot_differences(runs, protocol, path) -> None:
         axis.axis("off")
     seeds = {row: len(diffs[row]["seeds"]) for row in shown}
     fig.suptitle(
-        f"{protocol['name']}: row − {BASELINE}, same seed, mean ± std over seeds {seeds}\n"
-        "green: better than none by more than the spread; red: worse by more; grey: no difference",
+        f"{protocol['name']}: row − {BASELINE}, same seed, mean and 95 % t-interval, seeds {seeds}\n"
+        "green: better than none, the interval excluding 0; red: worse, the same; grey: no difference shown",
         fontsize=9,
     )
     fig.tight_layout()
@@ -328,7 +367,7 @@ def render(results_dir: str, protocol: dict) -> str:
         lines += [
             "CPU time/epoch ÷ none: the process CPU time of `train()` per epoch divided by the `none` run of the "
             "same seed (CPU time rather than wall time because other jobs share the cores; wall s/epoch is kept "
-            "too). Differences smaller than their seed-to-seed spread are no difference.",
+            "too). A paired difference is called an effect only when its 95 % t-interval excludes 0.",
             "",
             f"Machines: {_machines(runs)}.",
             "",

@@ -202,10 +202,20 @@ def test_render_writes_means_seeds_paired_differences_and_figures(tmp_path):
     assert hard_line.startswith("| hard | 2 | 0.750 ± 0.212 |")
     assert "| 1.15 ± 0.07 |" in hard_line  # CPU time ratio to none per seed: 1.1 and 1.2
     hard_diff = next(line for line in diffs.splitlines() if line.startswith("| hard |"))
-    assert hard_diff.startswith("| hard | 2 | +0.150 ± 0.071 |")  # paired: +0.1 and +0.2
+    # Paired: +0.1 and +0.2; 95 % t-interval, 1 degree of freedom: 0.15 ± 12.706 · 0.0707 / √2 = 0.15 ± 0.635.
+    assert hard_diff.startswith("| hard | 2 | +0.150 [-0.485, +0.785] |")
     assert "| attn_dropout |" not in text  # rows without runs are left out, not zeros
     for figure in ("metrics.png", "differences.png", "reliability.png", "curves.png", "README.md"):
         assert (tmp_path / figure).is_file()
+
+
+def test_paired_interval_is_the_t_interval_with_n_minus_one_degrees_of_freedom():
+    mean, half = render.paired_interval([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.302653
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert not render.is_effect((mean, half))
+    assert render.is_effect(render.paired_interval([1.0, 1.1, 0.9]))  # 1.0 ± 0.248
+    assert render.paired_interval([0.3]) == (0.3, None) and not render.is_effect((0.3, None))
+    assert render._interval_cell(render.paired_interval([1.0, 1.1, 0.9]), "{:.2f}") == "**+1.00** [+0.75, +1.25]"
 
 
 def _write_images(path, n_per_class=6, classes=("cat", "dog")):
