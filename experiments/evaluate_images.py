@@ -4,7 +4,8 @@ Loads the checkpoint and image processor the recipe saved to its `--output_dir` 
 plugin is needed at inference) and measures, once, after training:
 - on the evaluation data (the test set in final runs): accuracy, ECE (15 bins), NLL, Brier score, reliability bins;
 - on a fixed subset of it (the same images for every run): accuracy under L-infinity PGD, epsilon given in pixel
-  units (the processor normalises, so the radius and the valid box are converted per channel);
+  units (the processor normalises, so the radius and the valid box are converted per channel), without a random
+  start (`pgd_steps`) and with one and more steps (`pgd_strong_steps`, 20 by default);
 - on the un-augmented training subset: accuracy and NLL (with the test accuracy: the overfitting gap);
 - on a fixed batch in eval mode: the mean entropy of the last layer's attention rows.
 """
@@ -67,8 +68,8 @@ def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "
     Args:
         output_dir (`str`): the recipe's output folder (model, config, image processor).
         evaluation (`dict`): `train_file`, `validation_file` (the data evaluated), `image_column_name`,
-            `label_column_name`, `ece_bins`, `pgd_examples`, `pgd_steps`, `pgd_epsilons_255` (pixel epsilons in
-            units of 1/255), `entropy_examples`, `seed` (of the fixed subsets).
+            `label_column_name`, `ece_bins`, `pgd_examples`, `pgd_steps`, `pgd_strong_steps`, `pgd_epsilons_255`
+            (pixel epsilons in units of 1/255), `entropy_examples`, `seed` (of the fixed subsets).
         device (`str`): "cpu" or "cuda".
     """
     device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
@@ -105,6 +106,11 @@ def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "
         epsilon = scale * (eps / 255)
         results[f"pgd_{eps}_255_accuracy"] = pgd_accuracy(
             forward, x, y, epsilon, evaluation.get("pgd_steps", 10), lower, upper
+        )
+        # The stronger attack: a random start (the same for every run) and more steps.
+        steps = evaluation.get("pgd_strong_steps", 20)
+        results[f"pgd_{eps}_255_rs{steps}_accuracy"] = pgd_accuracy(
+            forward, x, y, epsilon, steps, lower, upper, random_start_seed=evaluation.get("seed", 0)
         )
 
     # Attention weights exist only on the eager path; the checkpoint's weights are the same.

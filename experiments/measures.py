@@ -127,12 +127,15 @@ def pgd_linf(
     step_size: float | torch.Tensor,
     lower: float | torch.Tensor,
     upper: float | torch.Tensor,
+    random_start: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Projected gradient descent on the cross-entropy (Madry et al., 2018), L-infinity ball, no random start.
+    """Projected gradient descent on the cross-entropy (Madry et al., 2018), L-infinity ball.
 
     Each step moves `inputs` by `step_size * sign(grad)` up the loss, then projects onto the ball of radius `epsilon`
     around the clean inputs and onto the valid box `[lower, upper]`. Without a random start the attack is a
-    deterministic function of the model and the inputs, so paired runs are attacked alike.
+    deterministic function of the model and the inputs; with one (`random_start`, a seeded CPU generator) it starts
+    from a uniform point of the ball (clipped to the box), the same point for every run given the same seed, so
+    paired runs are still attacked alike.
 
     Args:
         forward (`Callable`): maps inputs `[B, ...]` to logits `[B, C]` (the model in eval mode).
@@ -142,6 +145,7 @@ def pgd_linf(
             of `inputs` (for normalised images, the pixel value times `pixel_box`'s scale).
         steps (`int`): number of steps (0 returns the clean inputs).
         lower, upper (`float` or `torch.Tensor` broadcasting to `inputs`): the valid input box.
+        random_start (`torch.Generator`, *optional*): draws the starting point; `None` starts at the clean inputs.
 
     Returns:
         `torch.Tensor` shaped like `inputs`: the adversarial inputs, detached.
@@ -154,6 +158,9 @@ def pgd_linf(
         torch.as_tensor(v, dtype=clean.dtype, device=clean.device) for v in (epsilon, lower, upper)
     )
     adversarial = clean.clone()
+    if random_start is not None:
+        noise = torch.rand(clean.shape, generator=random_start, dtype=clean.dtype).to(clean.device)
+        adversarial = torch.minimum(torch.maximum(clean + (2 * noise - 1) * epsilon, lower), upper)
     for _ in range(steps):
         adversarial.requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(forward(adversarial), labels, reduction="sum")
@@ -174,13 +181,16 @@ def pgd_accuracy(
     lower: float | torch.Tensor,
     upper: float | torch.Tensor,
     batch_size: int = 250,
+    random_start_seed: int | None = None,
 ) -> float:
-    """Accuracy on PGD inputs (step size 2.5 * epsilon / steps, the usual choice), attacked in batches."""
+    """Accuracy on PGD inputs (step size 2.5 * epsilon / steps, the usual choice), attacked in batches; with
+    `random_start_seed`, from random starts drawn by a generator of that seed (the same for every run)."""
     step_size = 2.5 * epsilon / max(steps, 1)
+    generator = None if random_start_seed is None else torch.Generator().manual_seed(random_start_seed)
     correct = 0
     for start in range(0, len(inputs), batch_size):
         x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
-        adversarial = pgd_linf(forward, x, y, epsilon, steps, step_size, lower, upper)
+        adversarial = pgd_linf(forward, x, y, epsilon, steps, step_size, lower, upper, random_start=generator)
         with torch.no_grad():
             correct += int((forward(adversarial).argmax(-1) == y).sum())
     return correct / len(inputs)

@@ -32,6 +32,7 @@ IMAGE_COLUMNS = [
     ("test_brier", "Brier", "{:.3f}", False),
     ("pgd_1_255_accuracy", "PGD acc ε=1/255", "{:.3f}", True),
     ("pgd_2_255_accuracy", "PGD acc ε=2/255", "{:.3f}", True),
+    ("pgd_2_255_rs20_accuracy", "PGD-20, random start, ε=2/255", "{:.3f}", True),
     ("train_accuracy", "train acc", "{:.3f}", None),
     ("overfit_gap", "train − test", "{:.3f}", False),
     ("attention_entropy_last", "attn entropy (nats)", "{:.3f}", None),

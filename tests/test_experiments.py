@@ -92,6 +92,25 @@ def test_pgd_steps_by_the_gradient_sign_and_projects_on_ball_and_box():
     assert torch.equal(measures.pgd_linf(_linear, clean, label, 0.1, 0, 0.04, 0.0, 1.0), clean)
 
 
+def test_pgd_random_start_is_a_seeded_point_of_the_ball_inside_the_box():
+    clean, label = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
+    start = measures.pgd_linf(
+        _linear, clean, label, 0.1, 0, 0.04, 0.0, 0.55, random_start=torch.Generator().manual_seed(3)
+    )
+    expected = (clean + (2 * torch.rand(1, 2, generator=torch.Generator().manual_seed(3)) - 1) * 0.1).clamp(0.0, 0.55)
+    assert torch.equal(start, expected) and not torch.equal(start, clean)
+    again = measures.pgd_linf(
+        _linear, clean, label, 0.1, 0, 0.04, 0.0, 0.55, random_start=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(start, again)  # the same start for every run: paired runs are attacked alike
+    # From a random start, enough steps still reach the corner a clean-start attack reaches.
+    strong = measures.pgd_linf(_linear, clean, label, 0.1, 20, 0.0125, 0.0, 1.0, random_start=torch.Generator())
+    assert torch.allclose(strong, measures.pgd_linf(_linear, clean, label, 0.1, 20, 0.0125, 0.0, 1.0))
+    right = torch.tensor([[0.6, 0.5]])  # margin 0.1: eps 0.02 cannot flip it, eps 0.1 can
+    assert measures.pgd_accuracy(_linear, right, label, 0.02, 20, 0.0, 1.0, random_start_seed=0) == 1.0
+    assert measures.pgd_accuracy(_linear, right, label, 0.1, 20, 0.0, 1.0, random_start_seed=0) == 0.0
+
+
 def test_pgd_accuracy_flips_a_prediction_only_when_epsilon_allows():
     clean, label = torch.tensor([[0.6, 0.5]]), torch.tensor([0])  # margin w . x = 0.1: right
     # eps 0.02 moves the margin by at most 0.04: still right. eps 0.1 reaches (0.5, 0.6), margin -0.1: wrong.
@@ -322,6 +341,7 @@ def test_gpu_protocol_runs_end_to_end_at_a_tiny_size_on_cpu(tmp_path, monkeypatc
     assert got["train_examples"] == 12 and got["test_examples"] == 16 and got["pgd_examples"] == 16
     assert got["test_accuracy"] == pytest.approx(record["recipe_results"]["eval_accuracy"])  # same eval path
     assert got["pgd_2_255_accuracy"] <= got["pgd_clean_accuracy"]
+    assert got["pgd_2_255_rs20_accuracy"] <= got["pgd_clean_accuracy"]  # the stronger attack, measured too
     assert 0 < got["attention_entropy_last"] <= got["attention_entropy_uniform"] + 1e-9
     assert any("consistency_loss" in point for point in record["curves"])
     assert "| hard_consistency | 1 |" in (results / "README.md").read_text()
