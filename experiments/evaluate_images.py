@@ -7,16 +7,26 @@ plugin is needed at inference) and measures, once, after training:
   units (the processor normalises, so the radius and the valid box are converted per channel), without a random
   start (`pgd_steps`) and with one and more steps (`pgd_strong_steps`, 20 by default);
 - on the un-augmented training subset: accuracy and NLL (with the test accuracy: the overfitting gap);
-- on a fixed batch in eval mode: the mean entropy of the last layer's attention rows.
+- on a fixed batch in eval mode: the mean entropy of the last layer's attention rows;
+- when the protocol asks (`gradient_variance`): the variance of minibatch gradients of the task loss at every saved
+  checkpoint and at the end, in training mode (the run's AttentionDrop flags and dropout on).
 """
 
 import numpy as np
 import torch
 from datasets import ClassLabel, load_dataset
-from measures import attention_entropy, classification_metrics, pgd_accuracy, pixel_box, reliability_bins, softmax
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from measures import (
+    attention_entropy,
+    classification_metrics,
+    gradient_variance,
+    pgd_accuracy,
+    pixel_box,
+    reliability_bins,
+    softmax,
+)
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-__all__ = ["evaluate_image_classifier"]
+__all__ = ["evaluate_image_classifier", "gradient_variance_at_checkpoints"]
 
 
 def _image_column(dataset, name: str | None) -> str:
@@ -113,6 +123,11 @@ def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "
             forward, x, y, epsilon, steps, lower, upper, random_start_seed=evaluation.get("seed", 0)
         )
 
+    if "gradient_variance" in evaluation:
+        results["gradient_variance"] = gradient_variance_at_checkpoints(
+            output_dir, train_x, train_y, evaluation["gradient_variance"], evaluation.get("seed", 0), device
+        )
+
     # Attention weights exist only on the eager path; the checkpoint's weights are the same.
     eager = AutoModelForImageClassification.from_pretrained(output_dir, attn_implementation="eager").to(device).eval()
     batch = x[: evaluation.get("entropy_examples", 256)]
@@ -120,4 +135,42 @@ def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "
         attentions = eager(pixel_values=batch, output_attentions=True).attentions
     results["attention_entropy_last"] = attention_entropy(attentions[-1])
     results["attention_entropy_uniform"] = float(np.log(attentions[-1].shape[-1]))  # the maximum, for scale
+    return results
+
+
+def gradient_variance_at_checkpoints(
+    output_dir: str, pixels: torch.Tensor, labels: torch.Tensor, settings: dict, seed: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """`measures.gradient_variance` of the cross-entropy at each `checkpoint-STEP` folder of `output_dir` and at the
+    final model ("final"), on the same `batches` minibatches of `batch_size` training images for every run and
+    checkpoint, in training mode: a checkpoint with AttentionDrop flags is loaded with them switched on, and the
+    draws are seeded, so that rows differ only by what they do to the gradients."""
+    import glob
+    import os
+
+    import attentiondrop_hf  # noqa: F401  (registers the attention implementation)
+
+    batches, batch_size = settings.get("batches", 16), settings.get("batch_size", 64)
+    order = fixed_subset(len(labels), batches * batch_size, seed)
+    if len(order) < 2 * batch_size:
+        raise ValueError(f"gradient_variance needs at least 2 minibatches of {batch_size}; {len(labels)} images")
+    batches = len(order) // batch_size
+    folders = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda f: int(f.rsplit("-", 1)[1]))
+    results = {}
+    for label, folder in [*((os.path.basename(f).split("-")[1], f) for f in folders), ("final", output_dir)]:
+        config = AutoConfig.from_pretrained(folder)
+        perturbed = getattr(config, "attentiondrop", None) is not None
+        model = AutoModelForImageClassification.from_pretrained(
+            folder, **({"attn_implementation": "attentiondrop"} if perturbed else {})
+        )
+        model.to(device).train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_of_batch(k: int, model: torch.nn.Module = model) -> torch.Tensor:
+            rows = order[k * batch_size : (k + 1) * batch_size]
+            logits = model(pixel_values=pixels[rows].to(device)).logits.float()
+            return torch.nn.functional.cross_entropy(logits, labels[rows].to(device))
+
+        torch.manual_seed(seed)
+        results[label] = gradient_variance(loss_of_batch, parameters, batches)
     return results

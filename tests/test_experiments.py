@@ -1,6 +1,7 @@
 """The experiments of issue #9: metric helpers against hand-computed cases, the runner's planning (skipping finished
 runs), the table rendered from synthetic run JSONs, and the GPU protocol run end to end at a tiny size on the CPU."""
 
+import copy
 import json
 import math
 import os
@@ -116,6 +117,19 @@ def test_pgd_accuracy_flips_a_prediction_only_when_epsilon_allows():
     # eps 0.02 moves the margin by at most 0.04: still right. eps 0.1 reaches (0.5, 0.6), margin -0.1: wrong.
     assert measures.pgd_accuracy(_linear, clean, label, 0.02, 10, 0.0, 1.0) == 1.0
     assert measures.pgd_accuracy(_linear, clean, label, 0.1, 10, 0.0, 1.0) == 0.0
+
+
+def test_gradient_variance_hand_computed():
+    """loss_k = c_k · w + d_k · v: gradients (c_k, d_k); c = (1, 2, 3), d = (0, 0, 3) -> mean (2, 1), variance
+    ((1 + 0 + 1) + (1 + 1 + 4)) / 2 = 4, ||mean||^2 = 5."""
+    w, v = torch.tensor(0.5, requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+    c, d = [1.0, 2.0, 3.0], [0.0, 0.0, 3.0]
+    got = measures.gradient_variance(lambda k: c[k] * w + d[k] * v.sum(), [w, v], 3)
+    assert got == pytest.approx({"variance": 4.0, "mean_norm_sq": 5.0, "noise_to_signal": 0.8})
+    unused = torch.zeros(2, requires_grad=True)  # a parameter the loss does not touch counts as zero gradient
+    assert measures.gradient_variance(lambda k: c[k] * w, [w, unused], 3)["variance"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 minibatches"):
+        measures.gradient_variance(lambda k: w, [w], 1)
 
 
 def test_attention_entropy_hand_computed():
@@ -410,3 +424,42 @@ def test_a_user_error_on_the_command_line_is_one_line():
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("run.py: error: unknown protocol 'no-such-protocol'; protocols: [")
+
+
+def test_gradient_variance_is_measured_at_every_checkpoint_in_training_mode(tmp_path):
+    """Checkpoints and the final model, each in training mode with its own AttentionDrop flags: a perturbed model's
+    gradients vary more over the same minibatches than with p = 0, whose figure equals the stock model's exactly."""
+    import transformers
+    from evaluate_images import gradient_variance_at_checkpoints
+
+    from attentiondrop_hf import enable_attentiondrop
+
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    stock = transformers.ViTForImageClassification(config)
+    pixels, labels = torch.randn(32, 3, 16, 16), torch.arange(32) % 3
+    figures = {}
+    for name, flags in (("stock", None), ("p0", {"p": 0.0}), ("hard", {"p": 0.5, "top_k": 4})):
+        model = copy.deepcopy(stock)
+        if flags is not None:
+            enable_attentiondrop(model, variant="hard", **flags)
+        model.save_pretrained(tmp_path / name)
+        model.save_pretrained(tmp_path / name / "checkpoint-4")
+        figures[name] = gradient_variance_at_checkpoints(
+            str(tmp_path / name), pixels, labels, {"batches": 4, "batch_size": 8}, seed=0
+        )
+    assert list(figures["hard"]) == ["4", "final"]
+    assert figures["p0"]["final"] == figures["stock"]["final"] == figures["stock"]["4"]
+    assert figures["hard"]["final"]["variance"] != figures["stock"]["final"]["variance"]
+    assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for f in figures.values() for v in f.values())
