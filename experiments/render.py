@@ -325,6 +325,61 @@ def _plot_curves(runs, protocol, path) -> None:
     plt.close(fig)
 
 
+def final_consistency_loss(run: dict) -> float | None:
+    """The last logged KL term of a run (None for a run without one): the dose a consistency row received."""
+    logged = [c["consistency_loss"] for c in run.get("curves", []) if "consistency_loss" in c]
+    return logged[-1] if logged else None
+
+
+def sweep_series(runs: list[dict], protocol: dict) -> dict[str, list[tuple[float, dict]]]:
+    """A strength sweep's lines: per method and fixed secondary strengths (`hard_kl, top_k=8`), the rows' primary
+    strength (the first key of the row's `strength`) and run, in increasing strength; rows without one are left out."""
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for row in protocol["rows"]:
+        strength = row.get("strength")
+        mine = [r for r in runs if r["row"] == row["name"]]
+        if not strength or not mine:
+            continue
+        (primary, value), *others = strength.items()
+        name = ", ".join([row["method"], *(f"{k}={v}" for k, v in others)])
+        series.setdefault(name, []).append((float(value), mine[0]))
+    return {name: sorted(points, key=lambda point: point[0]) for name, points in series.items()}
+
+
+def _plot_sweep(runs: list[dict], protocol: dict, path: str) -> None:
+    """Validation accuracy, NLL and the final KL against each method's strength: which setting to use, and the dose
+    each received. The `none` row is a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sweep_series(runs, protocol)
+    baseline = next((r for r in runs if r["row"] == BASELINE), None)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [("test_accuracy", "validation accuracy"), ("test_nll", "validation NLL"), (None, "final KL (nats)")]
+    for axis, (key, title) in zip(axes, panels):
+        for index, (name, points) in enumerate(series.items()):
+            values = [final_consistency_loss(run) if key is None else run.get(key) for _, run in points]
+            kept = [(x, v) for (x, _), v in zip(points, values) if v is not None]
+            if kept:
+                xs, ys = zip(*kept)
+                axis.plot(xs, ys, marker="o", color=f"C{index}", label=name)
+        if key is not None and baseline is not None:
+            axis.axhline(baseline[key], color="0.3", linestyle="--", linewidth=1, label=BASELINE)
+        if key is None:
+            axis.set_yscale("log")
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        axis.set_xlabel("strength (p, largest sigma, or dropout)")
+        axis.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{protocol['name']}: one seed, validation split; lines: a method at fixed secondary settings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _machines(runs: list[dict]) -> str:
     seen = sorted(
         {
@@ -389,6 +444,9 @@ def render(results_dir: str, protocol: dict) -> str:
                 ]
         _plot_curves(runs, protocol, os.path.join(results_dir, "curves.png"))
         lines += ["![Training curves](curves.png)", ""]
+        if sweep_series(runs, protocol):
+            _plot_sweep(runs, protocol, os.path.join(results_dir, "sweep.png"))
+            lines += ["![Each method against its strength](sweep.png)", ""]
     path = os.path.join(results_dir, "README.md")
     text = "\n".join(lines) + _hand_written_part(path)
     with open(path, "w", encoding="utf-8") as handle:

@@ -463,3 +463,34 @@ def test_gradient_variance_is_measured_at_every_checkpoint_in_training_mode(tmp_
     assert figures["p0"]["final"] == figures["stock"]["final"] == figures["stock"]["4"]
     assert figures["hard"]["final"]["variance"] != figures["stock"]["final"]["variance"]
     assert all(v["variance"] > 0 and v["mean_norm_sq"] > 0 for f in figures.values() for v in f.values())
+
+
+def test_sweep_series_and_figure_follow_each_methods_strength(tmp_path):
+    rows = [
+        {"name": "none"},
+        {"name": "h_p3_k8", "method": "hard_kl", "strength": {"p": 0.3, "top_k": 8}},
+        {"name": "h_p1_k8", "method": "hard_kl", "strength": {"p": 0.1, "top_k": 8}},
+        {"name": "h_p1_k32", "method": "hard_kl", "strength": {"p": 0.1, "top_k": 32}},
+        {"name": "r_d1", "method": "rdrop", "strength": {"hidden_dropout_prob": 0.1}},
+    ]
+    protocol = {"name": "sweep", "task": "image-classification", "rows": rows}
+    runs = [
+        {
+            "row": row["name"],
+            "seed": 0,
+            "test_accuracy": 0.4 + 0.01 * i,
+            "test_nll": 1.8 - 0.01 * i,
+            "curves": [{"epoch": 1, "loss": 1.0}]
+            + ([{"epoch": 2, "loss": 0.9, "consistency_loss": 0.01 * i}] if i else []),
+        }
+        for i, row in enumerate(rows)
+    ]
+    series = render.sweep_series(runs, protocol)
+    assert {name: [x for x, _ in points] for name, points in series.items()} == {
+        "hard_kl, top_k=8": [0.1, 0.3],  # in increasing strength, whatever the protocol order
+        "hard_kl, top_k=32": [0.1],
+        "rdrop": [0.1],
+    }
+    assert render.final_consistency_loss(runs[3]) == 0.03 and render.final_consistency_loss(runs[0]) is None
+    render._plot_sweep(runs, protocol, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
