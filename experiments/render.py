@@ -43,6 +43,8 @@ TRANSLATION_COLUMNS = [
     ("bleu", "test BLEU", "{:.2f}", True),
     ("chrf", "test chrF", "{:.2f}", True),
     ("loss", "test loss (label-smoothed CE)", "{:.3f}", False),
+    ("bleu_brevity_penalty", "BLEU brevity penalty", "{:.3f}", None),
+    ("length_ratio", "output ÷ reference length", "{:.3f}", None),
     ("time_ratio", "CPU time/epoch ÷ none", "{:.2f}", False),
     ("train_wall_s_per_epoch", "wall s/epoch", "{:.1f}", False),
 ]

@@ -224,15 +224,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenized = DatasetDict({split: raw[split].map(tokenize, batched=True, remove_columns=columns) for split in raw})
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     sacrebleu_chrf = metrics.load("sacrebleu_chrf")
+    # Translations are scored against the raw reference strings, not the references decoded back from token ids
+    # (the tokenizer does not round-trip every sentence). Generation keeps the dataset's order.
+    references = {split: [pair[data_args.target_lang].strip() for pair in raw[split]["translation"]] for split in raw}
+    scored = {"split": "validation"}  # which split the next compute_metrics call scores
 
     def compute_metrics(prediction):
-        predictions, labels = prediction.predictions, prediction.label_ids
-        predictions = np.where(predictions != -100, predictions, tokenizer.pad_token_id)
-        labels = np.where(labels != -100, labels, tokenizer.pad_token_id)
+        predictions = np.where(prediction.predictions != -100, prediction.predictions, tokenizer.pad_token_id)
         hypotheses = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
-        references = [[text.strip()] for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        scores = sacrebleu_chrf.compute(predictions=hypotheses, references=references)
-        return {"bleu": scores["bleu"], "chrf": scores["chrf"]}
+        wanted = references[scored["split"]]
+        if len(wanted) != len(hypotheses):
+            raise ValueError(f"{len(hypotheses)} translations for {len(wanted)} {scored['split']} references")
+        scores = sacrebleu_chrf.compute(predictions=hypotheses, references=[[text] for text in wanted])
+        return {
+            "bleu": scores["bleu"],
+            "chrf": scores["chrf"],
+            "bleu_brevity_penalty": scores["bleu_brevity_penalty"],
+            "length_ratio": scores["hypothesis_length"] / max(scores["reference_length"], 1),
+        }
 
     trainer = AttentionDropSeq2SeqTrainer(
         model=model,
@@ -246,10 +255,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(model_args, training_args))
     results = trainer.evaluate(metric_key_prefix="eval")
     if "test" in tokenized:
+        scored["split"] = "test"
         test_metrics = trainer.predict(tokenized["test"], metric_key_prefix="test").metrics
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
-        results.update({k: v for k, v in test_metrics.items() if k in ("test_bleu", "test_chrf", "test_loss")})
+        kept = ("test_bleu", "test_chrf", "test_loss", "test_bleu_brevity_penalty", "test_length_ratio")
+        results.update({k: v for k, v in test_metrics.items() if k in kept})
     dataset = os.path.basename(data_args.train_file) if data_args.train_file else data_args.dataset_name
     card = {
         "finetuned_from": model_args.model_name_or_path,

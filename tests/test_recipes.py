@@ -153,7 +153,8 @@ def test_marian_recipe_on_multi30k_with_a_trained_tokenizer(tmp_path):
     argv += ["--targets", "self", "causal", "cross", "--variant", "hard", "--top_k", "4", "--consistency_weight", "1"]
     argv += ["--predict_with_generate", "true", "--generation_max_length", "8", "--generation_num_beams", "1"]
     results = marian_translation.main(argv + ["--output_dir", str(tmp_path / "run")] + QUICK_TRAINING)
-    assert {"eval_bleu", "eval_chrf", "test_bleu", "test_chrf"} <= set(results)
+    assert {"eval_bleu", "eval_chrf", "test_bleu", "test_chrf", "test_bleu_brevity_penalty"} <= set(results)
+    assert 0 < results["test_bleu_brevity_penalty"] <= 1 and results["test_length_ratio"] > 0
     assert all(math.isfinite(results[k]) for k in ("eval_bleu", "eval_chrf", "eval_loss"))
     assert (tmp_path / "run" / "source.spm").is_file() and (tmp_path / "run" / "vocab.json").is_file()
     saved = json.load(open(tmp_path / "run" / "config.json"))
@@ -220,6 +221,9 @@ def test_sacrebleu_metric_equals_sacrebleu():
     result = metrics.load("sacrebleu_chrf").compute(predictions=hypotheses, references=[[r] for r in references])
     assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
     assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    assert (result["hypothesis_length"], result["reference_length"]) == (bleu.sys_len, bleu.ref_len) == (13, 16)
+    assert result["bleu_brevity_penalty"] == pytest.approx(math.exp(1 - 16 / 13))  # shorter outputs: penalised
     assert 0 < result["bleu"] < 100
 
 

@@ -18,7 +18,8 @@ Args:
     predictions (`list[str]`): detokenized system outputs.
     references (`list[list[str]]`): per prediction, one or more detokenized references.
 Returns:
-    bleu (`float`), chrf (`float`): scores in [0, 100]; bleu_signature, chrf_signature (`str`).
+    bleu (`float`), chrf (`float`): scores in [0, 100]; bleu_brevity_penalty (`float`, in (0, 1]);
+    hypothesis_length, reference_length (`int`): the tokens BLEU counts; bleu_signature, chrf_signature (`str`).
 Examples:
     >>> metric = metrics.load("sacrebleu_chrf")
     >>> metric.compute(predictions=["ein Hund läuft"], references=[["ein Hund rennt"]])
@@ -57,6 +58,10 @@ class SacrebleuChrf(evaluate.Metric):
         return {
             "bleu": bleu_score.score,
             "chrf": chrf_score.score,
+            # BLEU's brevity penalty and the lengths it compares: a lower BLEU from short outputs shows here.
+            "bleu_brevity_penalty": bleu_score.bp,
+            "hypothesis_length": bleu_score.sys_len,
+            "reference_length": bleu_score.ref_len,
             "bleu_signature": str(bleu.get_signature()),
             "chrf_signature": str(chrf.get_signature()),
         }
