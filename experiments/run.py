@@ -114,13 +114,16 @@ def recipe_argv(protocol: dict, row: dict, seed: int, data: dict, output_dir: st
     """
     model_config = {**protocol["model_config"], **row.get("model_config", {})}
     args = {**protocol["recipe_args"], **protocol.get("device_args", {}).get(device, {}), **row.get("args", {})}
-    args.update(
-        model_type=protocol.get("model_type", "vit" if protocol["task"] == "image-classification" else "marian"),
-        config_overrides=config_overrides(model_config),
-        seed=seed,
-        output_dir=output_dir,
-        **data,
-    )
+    if "pretrained" in protocol and not row.get("from_scratch"):
+        # Fine-tuning: the checkpoint brings its architecture; only the row's own config changes apply (dropout).
+        args.update(model_name_or_path=pretrained_checkpoint(protocol["pretrained"]))
+        overrides = row.get("model_config", {})
+    else:
+        args.update(
+            model_type=protocol.get("model_type", "vit" if protocol["task"] == "image-classification" else "marian")
+        )
+        overrides = model_config
+    args.update(config_overrides=config_overrides(overrides) or None, seed=seed, output_dir=output_dir, **data)
     if device == "cpu":
         args["use_cpu"] = True
     argv = []
@@ -133,6 +136,27 @@ def recipe_argv(protocol: dict, row: dict, seed: int, data: dict, output_dir: st
         else:
             argv.append(str(value).lower() if isinstance(value, bool) else str(value))
     return argv
+
+
+def pretrained_checkpoint(pretrained: dict) -> str:
+    """The folder of the run a fine-tuning protocol starts from (`pretrained`: `protocol`, `row`, `seed`, and the
+    `sha256` of its `model.safetensors`, recorded once the pretraining has run), checked against that hash."""
+    name = f"{pretrained['row']}-seed{pretrained['seed']}"
+    folder = os.path.join(WORK, "checkpoints", pretrained["protocol"], name)
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ValueError(
+            f"the pretrained checkpoint {folder} does not exist: run `python experiments/run.py "
+            f"{pretrained['protocol']} --rows {pretrained['row']} --seeds {pretrained['seed']}` first"
+        )
+    with open(weights, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    if pretrained.get("sha256") and pretrained["sha256"] != digest:
+        raise ValueError(
+            f"{weights} has sha256 {digest}, not the {pretrained['sha256']} the protocol records: a different "
+            "pretraining run"
+        )
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,12 +211,26 @@ def _read_images(path: str):
     return load_dataset("parquet", data_files=path, split="train")
 
 
+def _only_classes(dataset, label_column: str, classes: list[int]):
+    """The examples of `classes`, their labels as plain integers (a ClassLabel would keep every class's name)."""
+    from datasets import Value
+
+    kept = set(classes)
+    dataset = dataset.cast_column(label_column, Value("int64"))
+    missing = kept - set(dataset[label_column])
+    if missing:
+        raise ValueError(f"data.classes {sorted(missing)} have no examples in column {label_column!r}")
+    return dataset.filter(lambda label: label in kept, input_columns=label_column)
+
+
 def prepare_image_data(spec: dict, train_file: str, test_file: str, label_column: str, eval_split: str) -> dict:
     """The recipe's `--train_file` / `--validation_file` of a protocol: a fixed class-balanced training subset and a
     disjoint validation subset carved from the training data (pilots), written once as parquet; the test file as is.
 
     `spec` keys: `validation_per_class` (held out from training; may be 0), `train_per_class` (`None`: the rest),
-    `subset_seed`. Files are named by a fingerprint of everything that defines them, so a change writes new ones.
+    `subset_seed`, `classes` (optional: only these label values, in every split, stored as plain integers so that
+    the recipe's head has one output per kept class). Files are named by a fingerprint of everything that defines
+    them, so a change writes new ones.
     """
     for flag, path in (("--train_file", train_file), ("--validation_file", test_file)):
         if not os.path.exists(path):
@@ -200,22 +238,29 @@ def prepare_image_data(spec: dict, train_file: str, test_file: str, label_column
     stat = os.stat(train_file)
     key = _fingerprint(os.path.abspath(train_file), stat.st_size, spec, label_column)
     folder = os.path.join(WORK, "data", key)
-    paths = {split: os.path.join(folder, f"{split}.parquet") for split in ("train", "validation")}
+    classes = spec.get("classes")
+    splits = ("train", "validation", "test") if classes else ("train", "validation")
+    paths = {split: os.path.join(folder, f"{split}.parquet") for split in splits}
     if not all(os.path.isfile(p) for p in paths.values()):
         full = _read_images(train_file)
         if label_column not in full.column_names:
             raise ValueError(f"--label_column_name {label_column!r} is not a column of {full.column_names}")
+        subsets = {}
+        if classes:
+            full = _only_classes(full, label_column, classes)
+            subsets["test"] = _only_classes(_read_images(test_file), label_column, classes)
         validation, train = balanced_split(
             full[label_column], spec.get("validation_per_class", 0), spec.get("train_per_class"), spec["subset_seed"]
         )
+        subsets.update(train=full.select(train), validation=full.select(validation))
         os.makedirs(folder, exist_ok=True)
-        for split, indices in (("train", train), ("validation", validation)):
+        for split, subset in subsets.items():
             temporary = paths[split] + ".tmp"
-            full.select(indices).to_parquet(temporary)
+            subset.to_parquet(temporary)
             os.replace(temporary, paths[split])  # atomic: an interrupted write never passes for a subset
     if eval_split == "validation" and not spec.get("validation_per_class"):
         raise ValueError("--eval_split validation needs a protocol with data.validation_per_class > 0")
-    evaluation = paths["validation"] if eval_split == "validation" else test_file
+    evaluation = paths["validation"] if eval_split == "validation" else paths.get("test", test_file)
     return {"train_file": paths["train"], "validation_file": evaluation}
 
 

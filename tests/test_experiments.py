@@ -2,6 +2,7 @@
 runs), the table rendered from synthetic run JSONs, and the GPU protocol run end to end at a tiny size on the CPU."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -361,12 +362,16 @@ def test_gpu_protocol_runs_end_to_end_at_a_tiny_size_on_cpu(tmp_path, monkeypatc
     assert "| hard_consistency | 1 |" in (results / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["cifar10-small", "cifar10-gpu", "multi30k-small"])
-def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path):
+PROTOCOL_NAMES = sorted(name[: -len(".json")] for name in os.listdir(run.PROTOCOLS) if name.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", PROTOCOL_NAMES)
+def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path, monkeypatch):
     """A misspelt flag or a value of the wrong type in a protocol fails here, not hours into a run."""
     sys.path.insert(0, os.path.join(EXPERIMENTS, "..", "recipes"))
     from _common import parse_arguments
 
+    monkeypatch.setattr(run, "pretrained_checkpoint", lambda pretrained: str(tmp_path / "pretrained"))
     protocol = run.load_protocol(name)
     recipe = __import__(run.TASKS[protocol["task"]])
     if protocol["task"] == "image-classification":
@@ -390,7 +395,11 @@ def test_every_row_of_every_protocol_parses_in_its_recipe(name, tmp_path):
         assert training_args.eval_strategy == "no" and not training_args.load_best_model_at_end
         if model_args.use_attentiondrop:
             assert attentiondrop.variant == row["args"]["variant"]
-            assert attentiondrop.options == type(attentiondrop.options)()  # the package defaults
+            options = type(attentiondrop.options)()  # the package defaults, but for what the row sets
+            expected = {k: v for k, v in row["args"].items() if hasattr(options, k)}
+            assert attentiondrop.options == dataclasses.replace(options, **expected)
+        if "pretrained" in protocol and not row.get("from_scratch"):
+            assert model_args.model_name_or_path == str(tmp_path / "pretrained") and model_args.model_type is None
 
 
 @pytest.mark.slow
@@ -494,3 +503,44 @@ def test_sweep_series_and_figure_follow_each_methods_strength(tmp_path):
     assert render.final_consistency_loss(runs[3]) == 0.03 and render.final_consistency_loss(runs[0]) is None
     render._plot_sweep(runs, protocol, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_data_classes_keep_only_those_classes_in_every_split_as_plain_integers(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    classes = ("a", "b", "c", "d")
+    images = _write_images(tmp_path / "images.parquet", n_per_class=6, classes=classes)
+    spec = {"train_per_class": 3, "validation_per_class": 2, "subset_seed": 0, "classes": [2, 3]}
+    paths = run.prepare_image_data(spec, images, images, "label", "test")
+    from datasets import load_dataset
+
+    splits = {name: load_dataset("parquet", data_files=path, split="train") for name, path in paths.items()}
+    assert set(splits) == {"train_file", "validation_file"} and "test.parquet" in paths["validation_file"]
+    for dataset in splits.values():
+        assert set(dataset["label"]) == {2, 3} and dataset.features["label"].dtype == "int64"
+    assert len(splits["train_file"]) == 6 and len(splits["validation_file"]) == 12  # 3 a class; all of the test file
+    with pytest.raises(ValueError, match=r"data.classes \[7\] have no examples"):
+        run.prepare_image_data({**spec, "classes": [2, 7]}, images, images, "label", "test")
+
+
+def test_a_fine_tuning_protocol_starts_from_its_recorded_pretrained_checkpoint(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
+    protocol = run.load_protocol("cifar10-small")
+    protocol["pretrained"] = {"protocol": "pre", "row": "none", "seed": 0, "sha256": None}
+    row = {"name": "none", "args": {"use_attentiondrop": False}, "model_config": {"hidden_dropout_prob": 0.1}}
+    with pytest.raises(ValueError, match=r"run `python experiments/run.py pre --rows none --seeds 0` first"):
+        run.recipe_argv(protocol, row, 0, {}, str(tmp_path / "out"), "cpu")
+    folder = tmp_path / "work" / "checkpoints" / "pre" / "none-seed0"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    argv = run.recipe_argv(protocol, row, 0, {}, str(tmp_path / "out"), "cpu")
+    assert argv[argv.index("--model_name_or_path") + 1] == str(folder) and "--model_type" not in argv
+    assert argv[argv.index("--config_overrides") + 1] == "hidden_dropout_prob=0.1"  # only the row's own change
+    scratch = run.recipe_argv(protocol, {**row, "from_scratch": True}, 0, {}, str(tmp_path / "out"), "cpu")
+    assert "--model_name_or_path" not in scratch and scratch[scratch.index("--model_type") + 1] == "vit"
+    protocol["pretrained"]["sha256"] = hashlib.sha256(b"weights").hexdigest()
+    assert run.recipe_argv(protocol, row, 0, {}, str(tmp_path / "out"), "cpu")
+    protocol["pretrained"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="a different pretraining run"):
+        run.recipe_argv(protocol, row, 0, {}, str(tmp_path / "out"), "cpu")
