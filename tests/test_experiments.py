@@ -23,7 +23,7 @@ import measures  # noqa: E402
 import metrics as recipe_metrics  # noqa: E402  (recipes/metrics: the recipe's local evaluate modules)
 import render  # noqa: E402
 import run  # noqa: E402
-from testing_common import write_translation_fixture  # noqa: E402
+from testing_common import build_peaked, write_translation_fixture  # noqa: E402
 
 # Four predictions whose confidences are exact binary fractions (no bin-edge rounding), 4 bins of width 1/4.
 PROBS = np.array([[0.875, 0.125], [0.625, 0.375], [0.25, 0.75], [0.0625, 0.9375]])
@@ -438,25 +438,12 @@ def test_a_user_error_on_the_command_line_is_one_line():
 def test_gradient_variance_is_measured_at_every_checkpoint_in_training_mode(tmp_path):
     """Checkpoints and the final model, each in training mode with its own AttentionDrop flags: a perturbed model's
     gradients vary more over the same minibatches than with p = 0, whose figure equals the stock model's exactly."""
-    import transformers
     from evaluate_images import gradient_variance_at_checkpoints
 
     from attentiondrop_hf import enable_attentiondrop
 
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,
-    )
     torch.manual_seed(0)
-    stock = transformers.ViTForImageClassification(config)
+    stock = build_peaked("vit")  # 16 px, 3 classes, no dropout
     pixels, labels = torch.randn(32, 3, 16, 16), torch.arange(32) % 3
     figures = {}
     for name, flags in (("stock", None), ("p0", {"p": 0.0}), ("hard", {"p": 0.5, "top_k": 4})):
