@@ -348,6 +348,13 @@ def sweep_series(runs: list[dict], protocol: dict) -> dict[str, list[tuple[float
     return {name: sorted(points, key=lambda point: point[0]) for name, points in series.items()}
 
 
+# What a sweep figure plots per task, beside the final KL: (key in a run record, panel title).
+SWEEP_PANELS = {
+    "image-classification": [("test_accuracy", "accuracy"), ("test_nll", "NLL")],
+    "translation": [("bleu", "BLEU"), ("loss", "loss (label-smoothed CE)")],
+}
+
+
 def _plot_sweep(runs: list[dict], protocol: dict, path: str) -> None:
     """Validation accuracy, NLL and the final KL against each method's strength: which setting to use, and the dose
     each received. The `none` row is a horizontal line."""
@@ -359,7 +366,7 @@ def _plot_sweep(runs: list[dict], protocol: dict, path: str) -> None:
     series = sweep_series(runs, protocol)
     baseline = next((r for r in runs if r["row"] == BASELINE), None)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    panels = [("test_accuracy", "validation accuracy"), ("test_nll", "validation NLL"), (None, "final KL (nats)")]
+    panels = [*SWEEP_PANELS[protocol["task"]], (None, "final KL (nats)")]
     for axis, (key, title) in zip(axes, panels):
         for index, (name, points) in enumerate(series.items()):
             values = [final_consistency_loss(run) if key is None else run.get(key) for _, run in points]
@@ -376,7 +383,8 @@ def _plot_sweep(runs: list[dict], protocol: dict, path: str) -> None:
         axis.set_xlabel("strength (p, largest sigma, or dropout)")
         axis.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{protocol['name']}: one seed, validation split; lines: a method at fixed secondary settings")
+    split = protocol.get("eval_split", "test")
+    fig.suptitle(f"{protocol['name']}: {split} split; lines: a method at fixed secondary settings")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

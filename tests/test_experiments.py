@@ -490,6 +490,9 @@ def test_sweep_series_and_figure_follow_each_methods_strength(tmp_path):
     assert render.final_consistency_loss(runs[3]) == 0.03 and render.final_consistency_loss(runs[0]) is None
     render._plot_sweep(runs, protocol, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 0
+    translation = [{**r, "bleu": 10.0 + i, "loss": 4.0 - 0.1 * i} for i, r in enumerate(runs)]
+    render._plot_sweep(translation, {**protocol, "task": "translation"}, str(tmp_path / "sweep_mt.png"))
+    assert (tmp_path / "sweep_mt.png").stat().st_size > 0
 
 
 def test_data_classes_keep_only_those_classes_in_every_split_as_plain_integers(tmp_path, monkeypatch):
