@@ -2,6 +2,7 @@
 """Every GPU figure the project asks for, in one run of under 8 minutes on one GPU, written to one JSON file.
 
     python benchmarks/gpu_check.py --out gpu_check            # on a machine with a CUDA device
+    python benchmarks/gpu_check.py --out gpu_check --data outputs/data   # CIFAR-10 copied to outputs/data/cifar10
     python benchmarks/gpu_check.py --dry-run --out /tmp/check # on a CPU: every step at toy sizes (CI runs this)
 
 Steps, each a subprocess with its own time limit; a step that fails or runs out of time is recorded as such and the
@@ -47,12 +48,13 @@ DRY_RUN_SETTINGS = (
 ).split()
 
 
-def run_step(name: str, command: list[str], limit_s: float, out: str) -> dict:
+def run_step(name: str, command: list[str], limit_s: float, out: str, env: dict | None = None) -> dict:
     """Run one step with its output in OUT/NAME.log; its exit status, time and whether it ran out of time."""
     started = time.perf_counter()
     with open(os.path.join(out, f"{name}.log"), "w") as log:
         try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, cwd=ROOT).returncode
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, cwd=ROOT, env=env)
+            code = done.returncode
             timed_out = False
         except subprocess.TimeoutExpired:
             code, timed_out = None, True
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["tests", "benchmark", "attention_2048", "experiment"]
     )
+    parser.add_argument("--data", help="the folder holding cifar10/ for the experiment (default: $ATTENTIONDROP_DATA)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import torch
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
             command += ["--rows", "hard_consistency", "--parallel", "1", "--train_file", images]
             command += ["--validation_file", images, "--set", *DRY_RUN_SETTINGS]
         left = BUDGET_S - (time.perf_counter() - started)
-        steps["experiment"] = run_step("experiment", command, 300 if args.dry_run else max(left, 60), args.out)
+        env = {**os.environ, **({"ATTENTIONDROP_DATA": os.path.abspath(args.data)} if args.data else {})}
+        steps["experiment"] = run_step("experiment", command, 300 if args.dry_run else max(left, 60), args.out, env)
         runs = os.path.join(results, "runs")
         steps["experiment"]["runs"] = {
             name[: -len(".json")]: json.load(open(os.path.join(runs, name)))["metrics"]
