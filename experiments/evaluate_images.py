@@ -5,7 +5,8 @@ plugin is needed at inference) and measures, once, after training:
 - on the evaluation data (the test set in final runs): accuracy, ECE (15 bins), NLL, Brier score, reliability bins;
 - on a fixed subset of it (the same images for every run): accuracy under L-infinity PGD, epsilon given in pixel
   units (the processor normalises, so the radius and the valid box are converted per channel), without a random
-  start (`pgd_steps`) and with one and more steps (`pgd_strong_steps`, 20 by default);
+  start (`pgd_steps`) and with one and more steps (`pgd_strong_steps`, 20 by default), and the per-image worst
+  of the two (an image counts as robust only if both attacks failed on it);
 - on the un-augmented training subset: accuracy and NLL (with the test accuracy: the overfitting gap);
 - on a fixed batch in eval mode: the mean entropy of the last layer's attention rows;
 - when the protocol asks (`gradient_variance`): the variance of minibatch gradients of the task loss at every saved
@@ -19,9 +20,10 @@ from measures import (
     attention_entropy,
     classification_metrics,
     gradient_variance,
-    pgd_accuracy,
+    pgd_correct,
     pixel_box,
     reliability_bins,
+    robust_accuracy,
     softmax,
 )
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
@@ -114,14 +116,14 @@ def evaluate_image_classifier(output_dir: str, evaluation: dict, device: str = "
     results["pgd_clean_accuracy"] = float((predict(model, x).argmax(-1) == y.cpu()).float().mean())
     for eps in evaluation.get("pgd_epsilons_255", [1, 2]):
         epsilon = scale * (eps / 255)
-        results[f"pgd_{eps}_255_accuracy"] = pgd_accuracy(
-            forward, x, y, epsilon, evaluation.get("pgd_steps", 10), lower, upper
-        )
+        plain = pgd_correct(forward, x, y, epsilon, evaluation.get("pgd_steps", 10), lower, upper)
         # The stronger attack: a random start (the same for every run) and more steps.
         steps = evaluation.get("pgd_strong_steps", 20)
-        results[f"pgd_{eps}_255_rs{steps}_accuracy"] = pgd_accuracy(
-            forward, x, y, epsilon, steps, lower, upper, random_start_seed=evaluation.get("seed", 0)
-        )
+        strong = pgd_correct(forward, x, y, epsilon, steps, lower, upper, random_start_seed=evaluation.get("seed", 0))
+        results[f"pgd_{eps}_255_accuracy"] = robust_accuracy(plain)
+        results[f"pgd_{eps}_255_rs{steps}_accuracy"] = robust_accuracy(strong)
+        # Neither attack dominates the other image by image: an image is robust only if both failed on it.
+        results[f"pgd_{eps}_255_worst_accuracy"] = robust_accuracy(plain, strong)
 
     if "gradient_variance" in evaluation:
         results["gradient_variance"] = gradient_variance_at_checkpoints(

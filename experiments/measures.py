@@ -16,7 +16,8 @@ __all__ = [
     "brier_score",
     "classification_metrics",
     "expected_calibration_error",
-    "pgd_accuracy",
+    "pgd_correct",
+    "robust_accuracy",
     "pgd_linf",
     "pixel_box",
     "reliability_bins",
@@ -172,7 +173,7 @@ def pgd_linf(
     return adversarial.detach()
 
 
-def pgd_accuracy(
+def pgd_correct(
     forward: Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     labels: torch.Tensor,
@@ -182,18 +183,31 @@ def pgd_accuracy(
     upper: float | torch.Tensor,
     batch_size: int = 250,
     random_start_seed: int | None = None,
-) -> float:
-    """Accuracy on PGD inputs (step size 2.5 * epsilon / steps, the usual choice), attacked in batches; with
-    `random_start_seed`, from random starts drawn by a generator of that seed (the same for every run)."""
+) -> torch.Tensor:
+    """Which inputs the model still classifies right under PGD (step size 2.5 * epsilon / steps, the usual choice),
+    attacked in batches; with `random_start_seed`, from random starts drawn by a generator of that seed (the same
+    for every run). Returns a boolean CPU tensor `[B]`: per image, so that several attacks combine into the
+    per-image worst case (an image counts as robust only if every attack failed on it)."""
     step_size = 2.5 * epsilon / max(steps, 1)
     generator = None if random_start_seed is None else torch.Generator().manual_seed(random_start_seed)
-    correct = 0
+    correct = []
     for start in range(0, len(inputs), batch_size):
         x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
         adversarial = pgd_linf(forward, x, y, epsilon, steps, step_size, lower, upper, random_start=generator)
         with torch.no_grad():
-            correct += int((forward(adversarial).argmax(-1) == y).sum())
-    return correct / len(inputs)
+            correct.append((forward(adversarial).argmax(-1) == y).cpu())
+    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+
+def robust_accuracy(*correct: torch.Tensor) -> float:
+    """The accuracy under the per-image worst of several attacks: an image counts as robust only if every attack
+    failed on it (`correct` are `pgd_correct`'s boolean vectors over the same images)."""
+    if not correct or any(c.shape != correct[0].shape for c in correct):
+        raise ValueError(
+            f"robust_accuracy needs boolean vectors over the same images, got shapes {[c.shape for c in correct]}"
+        )
+    robust = torch.stack(correct).all(dim=0)
+    return float(robust.float().mean()) if len(robust) else 0.0
 
 
 def gradient_variance(

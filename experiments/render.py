@@ -20,6 +20,8 @@ __all__ = [
     "paired_differences",
     "paired_interval",
     "render",
+    "sweep_series",
+    "sweep_winners",
 ]
 
 BASELINE = "none"
@@ -33,6 +35,7 @@ IMAGE_COLUMNS = [
     ("pgd_1_255_accuracy", "PGD acc ε=1/255", "{:.3f}", True),
     ("pgd_2_255_accuracy", "PGD acc ε=2/255", "{:.3f}", True),
     ("pgd_2_255_rs20_accuracy", "PGD-20, random start, ε=2/255", "{:.3f}", True),
+    ("pgd_2_255_worst_accuracy", "PGD worst of both, ε=2/255", "{:.3f}", True),
     ("train_accuracy", "train acc", "{:.3f}", None),
     ("overfit_gap", "train − test", "{:.3f}", False),
     ("attention_entropy_last", "attn entropy (nats)", "{:.3f}", None),
@@ -333,10 +336,16 @@ def final_consistency_loss(run: dict) -> float | None:
     return logged[-1] if logged else None
 
 
+LAMBDA = "consistency_weight"
+
+
 def sweep_series(runs: list[dict], protocol: dict) -> dict[str, list[tuple[float, dict]]]:
     """A strength sweep's lines: per method and fixed secondary strengths (`hard_kl, top_k=8`), the rows' primary
-    strength (the first key of the row's `strength`) and run, in increasing strength; rows without one are left out."""
+    strength (the first key of the row's `strength`) and run, in increasing strength; rows without one are left out.
+    A lambda row (primary key `consistency_weight`) joins a line `λ: method, ...` with the row of the same method
+    and secondary strengths at lambda = 1."""
     series: dict[str, list[tuple[float, dict]]] = {}
+    by_setting = {(row.get("method"), tuple(sorted(row.get("strength", {}).items()))): row for row in protocol["rows"]}
     for row in protocol["rows"]:
         strength = row.get("strength")
         mine = [r for r in runs if r["row"] == row["name"]]
@@ -344,8 +353,67 @@ def sweep_series(runs: list[dict], protocol: dict) -> dict[str, list[tuple[float
             continue
         (primary, value), *others = strength.items()
         name = ", ".join([row["method"], *(f"{k}={v}" for k, v in others)])
+        if primary == LAMBDA:
+            name = f"λ: {name}"
+            at_one = by_setting.get((row["method"], tuple(sorted(others))))
+            at_one_runs = [r for r in runs if at_one and r["row"] == at_one["name"]]
+            if at_one_runs and name not in series:
+                series[name] = [(1.0, at_one_runs[0])]
         series.setdefault(name, []).append((float(value), mine[0]))
     return {name: sorted(points, key=lambda point: point[0]) for name, points in series.items()}
+
+
+def sweep_winners(runs: list[dict], protocol: dict) -> dict[str, dict]:
+    """Each method's winner by the rule the protocol wrote before any run (`select`): the row with the best `metric`
+    among those whose final KL is within `kl_within_factor` of the `kl_reference` row's (when given), and the rows
+    within `tie` of it (ties: the write-up says which setting it takes). Returns {method: {row, value, tied}}."""
+    rule = protocol.get("select")
+    if not rule:
+        return {}
+    sign = -1.0 if rule["higher_is_better"] else 1.0
+    value_of = {r["row"]: r[rule["metric"]] for r in runs if r.get(rule["metric"]) is not None}
+    kl_of = {r["row"]: final_consistency_loss(r) for r in runs}
+    reference_kl = kl_of.get(rule.get("kl_reference"))
+    candidates: dict[str, list[str]] = {}
+    for row in protocol["rows"]:
+        name, method = row["name"], row.get("method")
+        if method is None or name not in value_of:
+            continue
+        if "kl_within_factor" in rule:
+            kl, factor = kl_of.get(name), rule["kl_within_factor"]
+            if reference_kl is None or kl is None or not reference_kl / factor <= kl <= reference_kl * factor:
+                continue
+        candidates.setdefault(method, []).append(name)
+    winners = {}
+    for method, names in candidates.items():
+        best = min(names, key=lambda n: sign * value_of[n])
+        tied = [n for n in names if n != best and abs(value_of[n] - value_of[best]) < rule["tie"]]
+        winners[method] = {"row": best, "value": value_of[best], "tied": tied}
+    return winners
+
+
+def _winners_table(runs: list[dict], protocol: dict) -> list[str]:
+    winners = sweep_winners(runs, protocol)
+    if not winners:
+        return []
+    rule = protocol["select"]
+    direction = "highest" if rule["higher_is_better"] else "lowest"
+    where = ""
+    if "kl_within_factor" in rule:
+        factor, reference = rule["kl_within_factor"], rule["kl_reference"]
+        where = f" among the rows whose final KL is within a factor {factor:g} of `{reference}`'s"
+    lines = [
+        f"**Each method's winner by the protocol's rule** ({direction} `{rule['metric']}` on the "
+        f"{protocol.get('eval_split', 'test')} split{where}; rows within {rule['tie']:g} of it are listed as tied; "
+        "computed from the runs finished so far)",
+        "",
+        f"| method | winner | {rule['metric']} | tied |",
+        "|---|---|---|---|",
+    ]
+    for method, winner in winners.items():
+        tied = ", ".join(f"`{n}`" for n in winner["tied"]) or "—"
+        lines.append(f"| {method} | `{winner['row']}` | {winner['value']:.3f} | {tied} |")
+    return [*lines, ""]
 
 
 # What a sweep figure plots per task, beside the final KL: (key in a run record, panel title).
@@ -373,14 +441,15 @@ def _plot_sweep(runs: list[dict], protocol: dict, path: str) -> None:
             kept = [(x, v) for (x, _), v in zip(points, values) if v is not None]
             if kept:
                 xs, ys = zip(*kept)
-                axis.plot(xs, ys, marker="o", color=f"C{index}", label=name)
+                style = "--" if name.startswith("λ") else "-"
+                axis.plot(xs, ys, marker="o", linestyle=style, color=f"C{index}", label=name)
         if key is not None and baseline is not None:
             axis.axhline(baseline[key], color="0.3", linestyle="--", linewidth=1, label=BASELINE)
         if key is None:
             axis.set_yscale("log")
         axis.set_xscale("log", base=2)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-        axis.set_xlabel("strength (p, largest sigma, or dropout)")
+        axis.set_xlabel("strength (p, largest sigma, dropout, or λ)")
         axis.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
     split = protocol.get("eval_split", "test")
@@ -457,6 +526,7 @@ def render(results_dir: str, protocol: dict) -> str:
         if sweep_series(runs, protocol):
             _plot_sweep(runs, protocol, os.path.join(results_dir, "sweep.png"))
             lines += ["![Each method against its strength](sweep.png)", ""]
+        lines += _winners_table(runs, protocol)
     path = os.path.join(results_dir, "README.md")
     text = "\n".join(lines) + _hand_written_part(path)
     with open(path, "w", encoding="utf-8") as handle:
