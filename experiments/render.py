@@ -177,6 +177,57 @@ def markdown_tables(runs: list[dict], protocol: dict) -> str:
     return "\n".join(lines)
 
 
+def gradient_variance_points(run: dict) -> dict[str, float]:
+    """A run's gradient variance per checkpoint step (`"80"`, ...) in training order, and at `"end"` when the final
+    model is not the last checkpoint (training ending on a save step gives the same weights twice)."""
+    measured = run.get("gradient_variance") or {}
+    steps = sorted((label for label in measured if label != "final"), key=int)
+    points = {step: measured[step]["variance"] for step in steps}
+    if "final" in measured and not (steps and measured["final"] == measured[steps[-1]]):
+        points["end"] = measured["final"]["variance"]
+    return points
+
+
+def gradient_variance_table(runs: list[dict], protocol: dict) -> list[str]:
+    """Per row and checkpoint: the mean gradient variance over seeds, and the paired ratio row ÷ none (same seed) as
+    mean [95 % t-interval], bold when the interval excludes 1 (the paper reports about 0.9 with AttentionDrop)."""
+    points = {(r["row"], r["seed"]): gradient_variance_points(r) for r in runs}
+    labels = list(dict.fromkeys(label for values in points.values() for label in values))
+    if not labels:
+        return []
+    lines = [
+        "**Gradient variance** (the variance of minibatch gradients of the task loss over fixed training minibatches, "
+        "in training mode; mean over seeds, then row ÷ none, same seed: mean [95 % t-interval], bold when it "
+        "excludes 1)",
+        "",
+        "| row | seeds | " + " | ".join(f"step {label}" for label in labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    for row in [row["name"] for row in protocol["rows"]]:
+        seeds = sorted(seed for (name, seed), values in points.items() if name == row and values)
+        if not seeds:
+            continue
+        cells = []
+        for label in labels:
+            mine = [points[row, seed][label] for seed in seeds if label in points[row, seed]]
+            if not mine:
+                cells.append("—")
+                continue
+            cell = f"{np.mean(mine):.3g}"
+            ratios = [
+                points[row, seed][label] / points[BASELINE, seed][label]
+                for seed in seeds
+                if row != BASELINE and label in points.get((BASELINE, seed), {}) and label in points[row, seed]
+            ]
+            if ratios:
+                mean, half = paired_interval(ratios)
+                ratio = f"×{mean:.2f}" if half is None else f"×{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+                cell += f" ({f'**{ratio}**' if half is not None and abs(mean - 1) > half else ratio})"
+            cells.append(cell)
+        lines.append(f"| {row} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _plot_bars(runs, protocol, path) -> None:
     import matplotlib
 
@@ -499,6 +550,7 @@ def render(results_dir: str, protocol: dict) -> str:
         lines.append("No run has finished yet.")
     else:
         lines += [markdown_tables(runs, protocol), ""]
+        lines += gradient_variance_table(runs, protocol)
         lines += [
             "CPU time/epoch ÷ none: the process CPU time of `train()` per epoch divided by the `none` run of the "
             "same seed (CPU time rather than wall time because other jobs share the cores; wall s/epoch is kept "

@@ -561,6 +561,38 @@ def test_sweep_winners_follow_the_protocols_rule():
     assert "| a | `a_3` | 1.610 | — |" in text and "within a factor 2 of `b_1`" in text
 
 
+def _measured(**variances: float) -> dict:
+    return {label: {"variance": v, "mean_norm_sq": 1.0, "noise_to_signal": v} for label, v in variances.items()}
+
+
+def test_gradient_variance_table_gives_paired_ratios_to_none():
+    """none: 4 and 8 at step 10 for seeds 0, 1; hard: 2 and 6 -> ratios 0.5 and 0.75, mean 0.625, half-width
+    t(0.975, 1) * std / sqrt(2) = 12.706 * 0.17678 / 1.4142 = 1.588 (the interval contains 1: not bold)."""
+    runs = [
+        {"row": "none", "seed": 0, "gradient_variance": _measured(**{"10": 4.0, "20": 2.0, "final": 2.0})},
+        {"row": "none", "seed": 1, "gradient_variance": _measured(**{"10": 8.0, "20": 4.0, "final": 3.0})},
+        {"row": "hard", "seed": 0, "gradient_variance": _measured(**{"10": 2.0, "20": 1.0, "final": 1.0})},
+        {"row": "hard", "seed": 1, "gradient_variance": _measured(**{"10": 6.0, "20": 1.0, "final": 1.5})},
+        {"row": "other", "seed": 0},  # a row without the measure is left out
+    ]
+    assert render.gradient_variance_points(runs[0]) == {"10": 4.0, "20": 2.0}  # final = step 20: not repeated
+    assert render.gradient_variance_points(runs[1]) == {"10": 8.0, "20": 4.0, "end": 3.0}
+    protocol = {"rows": [{"name": "none"}, {"name": "hard"}, {"name": "other"}]}
+    lines = render.gradient_variance_table(runs, protocol)
+    assert lines[2] == "| row | seeds | step 10 | step 20 | step end |"
+    assert lines[4] == "| none | 2 | 6 | 3 | 3 |"
+    # Step 20: ratios 0.5 and 0.25, mean 0.375, half-width 12.706 * 0.17678 / 1.4142 = 1.588.
+    assert lines[5] == "| hard | 2 | 4 (×0.62 [-0.96, 2.21]) | 1 (×0.38 [-1.21, 1.96]) | 1.5 (×0.50) |"
+    assert not any(line.startswith("| other") for line in lines)
+    assert render.gradient_variance_table([{"row": "none", "seed": 0}], protocol) == []
+    same = (
+        [{**r, "gradient_variance": _measured(**{"10": 4.0})} for r in runs[:1]]
+        + [{"row": "hard", "seed": s, "gradient_variance": _measured(**{"10": 3.6 + 0.01 * s})} for s in (0, 1)]
+        + [{"row": "none", "seed": 1, "gradient_variance": _measured(**{"10": 4.0})}]
+    )
+    assert "**×0.90 [" in render.gradient_variance_table(same, protocol)[5]  # a tight 10 % drop is an effect
+
+
 def test_data_classes_keep_only_those_classes_in_every_split_as_plain_integers(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "WORK", str(tmp_path / "work"))
     classes = ("a", "b", "c", "d")
